@@ -1,0 +1,161 @@
+"""Padded, length-bucketed batches for evaluation and decoding, with a way back to input order.
+
+Decoding sorts sentences by length so each batch wastes little padding, and pads widths to a few
+bucket sizes so a jitted decoder compiles only a few shapes. Every batch carries the original
+index of each row (-1 for filler rows), and `restore_order` puts the outputs back in input
+order. Nothing is dropped: empty lines become a lone EOS and over-long ones are truncated (and
+counted in the log).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import TypeVar
+
+import numpy as np
+
+from data.sources import DataError
+from data.tokenizer import EOS_ID, PAD_ID, Tokenizer
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def default_buckets(max_len: int, smallest: int = 8) -> list[int]:
+    """Widths 8, 16, 24, 32, 48, 64, 96, ... below `max_len`, then `max_len` itself.
+
+    Powers of two and their midpoints bound the padding per row to a third while keeping the
+    number of shapes (and so of decoder compilations) logarithmic in `max_len`.
+    """
+    widths, width = [], smallest
+    while width < max_len:
+        widths.append(width)
+        if width >= 2 * smallest and width * 3 // 2 < max_len:
+            widths.append(width * 3 // 2)
+        width *= 2
+    return [*widths, max_len]
+
+
+def _encode(texts: Sequence[str], tokenizer: Tokenizer, max_len: int, what: str):
+    """Ids + EOS per text, cut to `max_len` (EOS kept last); logs how many were cut."""
+    out, cut = [], 0
+    for ids in tokenizer.encode_batch(texts):
+        if len(ids) + 1 > max_len:
+            cut += 1
+            ids = ids[: max_len - 1]
+        out.append([*ids, EOS_ID])
+    if cut:
+        log.warning(
+            "truncated %d of %d %s to max_len=%d tokens (EOS included)",
+            cut,
+            len(out),
+            what,
+            max_len,
+        )
+    return out
+
+
+def _pad(seqs: list[list[int]], width: int) -> np.ndarray:
+    out = np.full((len(seqs), width), PAD_ID, dtype=np.int32)
+    for r, s in enumerate(seqs):
+        out[r, : len(s)] = s
+    return out
+
+
+def padded_batches(
+    sources: Sequence[str],
+    tokenizer: Tokenizer,
+    *,
+    max_len: int,
+    tokens_per_batch: int,
+    targets: Sequence[str] | None = None,
+    buckets: Sequence[int] | None = None,
+    row_multiple: int = 1,
+    fixed_rows: bool = False,
+) -> list[dict[str, np.ndarray]]:
+    """Groups sentences of similar length into padded batches under a token budget.
+
+    Args:
+        sources: Source sentences, in their original order (empty strings allowed).
+        tokenizer: The shared tokenizer.
+        max_len: Longest sequence (EOS included); longer ones are truncated, never dropped.
+        tokens_per_batch: Budget of rows * width per batch (at least one row per batch).
+        targets: Optional references, aligned with `sources` (e.g. for an evaluation loss).
+        buckets: Allowed widths, ascending, the last >= every length; default
+            `default_buckets(max_len)`.
+        row_multiple: Rows per batch are a multiple of this (e.g. the data-parallel devices).
+        fixed_rows: Pad the last batch of each bucket with filler rows so all batches of a
+            bucket have one shape (fewer compilations, but wasteful on small sets: without
+            it a bucket has at most two shapes, which jit caches across evaluations anyway).
+
+    Returns:
+        Batches in order of increasing width, each a dict with `inputs` [B, S] int32 (ids +
+        EOS, 0-padded), `index` [B] int32 (position in `sources`, -1 for filler rows) and, if
+        `targets` were given, `targets` [B, S] int32 (same width S as `inputs`).
+
+    Raises:
+        DataError: `targets` not aligned with `sources`, or bad sizes.
+    """
+    if targets is not None and len(targets) != len(sources):
+        raise DataError(f"{len(sources)} sources but {len(targets)} targets; expected equal")
+    if max_len < 2 or tokens_per_batch < 1 or row_multiple < 1:
+        raise DataError(f"padded_batches: bad {max_len=}, {tokens_per_batch=} or {row_multiple=}")
+    buckets = sorted(buckets or default_buckets(max_len))
+    if buckets[-1] < max_len:
+        raise DataError(f"largest bucket {buckets[-1]} < {max_len=}; expected it to cover max_len")
+    features = {"inputs": _encode(sources, tokenizer, max_len, "sources")}
+    if targets is not None:
+        features["targets"] = _encode(targets, tokenizer, max_len, "targets")
+    lengths = np.max([[len(s) for s in f] for f in features.values()], axis=0).astype(np.int64)
+    lengths = lengths.reshape(len(sources))
+    widths = np.asarray(buckets)[np.searchsorted(buckets, lengths)]
+    order = np.lexsort((lengths, widths))  # By bucket, then by length; stable.
+    batches = []
+    for width in np.unique(widths):
+        members = order[widths[order] == width]
+        rows = max(1, tokens_per_batch // int(width)) // row_multiple * row_multiple
+        rows = max(rows, row_multiple)
+        for begin in range(0, len(members), rows):
+            index = members[begin : begin + rows]
+            n_rows = rows if fixed_rows else -(-len(index) // row_multiple) * row_multiple
+            filler = n_rows - len(index)
+            batch = {"index": np.concatenate([index, np.full(filler, -1)]).astype(np.int32)}
+            for k, seqs in features.items():
+                batch[k] = _pad([seqs[i] for i in index] + [[]] * filler, int(width))
+            batches.append(batch)
+    return batches
+
+
+def restore_order(indices: Iterable[np.ndarray], outputs: Iterable[Sequence[T]], n: int) -> list[T]:
+    """Puts per-batch outputs back in the order of the original inputs.
+
+    Args:
+        indices: Each batch's `index` array ([B], -1 for filler rows).
+        outputs: Each batch's outputs, one per row (filler rows' outputs are ignored).
+        n: Number of original inputs.
+
+    Returns:
+        `n` outputs, the i-th for input i.
+
+    Raises:
+        DataError: An input got no output or more than one.
+    """
+    result: list = [None] * n
+    seen = np.zeros(n, dtype=bool)
+    for index, out in zip(indices, outputs, strict=True):
+        index = np.asarray(index)
+        if len(out) != len(index):
+            raise DataError(f"a batch has {len(index)} rows but {len(out)} outputs")
+        for i, o in zip(index.tolist(), out, strict=True):
+            if i < 0:
+                continue
+            if seen[i]:
+                raise DataError(f"input {i} has more than one output")
+            seen[i] = True
+            result[i] = o
+    if not seen.all():
+        missing = np.flatnonzero(~seen)
+        raise DataError(f"{len(missing)} of {n} inputs have no output, e.g. {missing[:5].tolist()}")
+    return result

@@ -1,0 +1,177 @@
+"""Multi-head scaled dot-product attention (section 3.2 of the paper).
+
+Shape legend, used in einsums, docstrings and logical axis names across the project:
+
+    B  batch           (``batch``)
+    S  source length   (``length``)
+    T  target length   (``length``)
+    L  cache length    (``length``)
+    D  d_model         (``embed``)
+    H  heads           (``heads``)
+    K  head dim, D / H (``kv``)
+    F  feed-forward    (``mlp``)
+    V  vocabulary      (``vocab``)
+
+Masks are boolean ``[B, 1, T, S]`` (True = may attend), broadcast over heads.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from model.config import TransformerConfig
+from model.layers import matmul
+
+_log = logging.getLogger(__name__)
+
+
+def attention_mask(
+    q_valid: jax.Array,
+    k_valid: jax.Array,
+    *,
+    q_segments: jax.Array | None = None,
+    k_segments: jax.Array | None = None,
+    causal: bool = False,
+) -> jax.Array:
+    """Which keys each query may attend to.
+
+    Args:
+      q_valid: ``[B, T]`` bool, True at real (non-padding) query positions.
+      k_valid: ``[B, S]`` bool, True at real key positions.
+      q_segments: optional ``[B, T]`` int segment ids of packed queries.
+      k_segments: optional ``[B, S]`` int segment ids of packed keys.
+      causal: also forbid keys after the query (requires T == S, positions aligned).
+
+    Returns:
+      ``[B, 1, T, S]`` bool. Padding queries attend to nothing; their outputs are finite
+      (a uniform average) and are ignored downstream.
+    """
+    mask = q_valid[:, None, :, None] & k_valid[:, None, None, :]
+    if q_segments is not None:
+        mask &= q_segments[:, None, :, None] == k_segments[:, None, None, :]
+    if causal:
+        t, s = q_valid.shape[1], k_valid.shape[1]
+        mask &= jnp.tril(jnp.ones((t, s), dtype=bool))[None, None]
+    return mask
+
+
+def _large_negative(dtype) -> jax.Array:
+    # The value jax.nn.dot_product_attention uses, so both paths agree on fully masked rows.
+    return jnp.asarray(-0.7 * jnp.finfo(dtype).max, dtype)
+
+
+def einsum_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Attention spelled out, for when the weights are needed or attention dropout is on.
+
+    Args:
+      q: ``[B, T, H, K]`` queries. k, v: ``[B, S, H, K]``. mask: ``[B, 1, T, S]`` bool.
+
+    Returns:
+      ``([B, T, H, K]`` outputs, ``[B, H, T, S]`` float32 attention probabilities).
+    """
+    logits = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32)
+    logits *= jnp.asarray(q.shape[-1] ** -0.5, jnp.float32)
+    logits = jnp.where(mask, logits, _large_negative(jnp.float32))
+    probs = jax.nn.softmax(logits, axis=-1)
+    dropped = probs
+    if dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        dropped = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("bhts,bshk->bthk", dropped.astype(v.dtype), v)
+    return out, probs
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """``jax.nn.dot_product_attention``: cuDNN flash attention on GPU in bf16/fp16, XLA elsewhere.
+
+    Shapes as in ``einsum_attention``; returns ``[B, T, H, K]``.
+    """
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+        except Exception as err:  # cuDNN rejects some shapes/versions at trace time.
+            _log.warning("cuDNN attention unavailable (%s); using the XLA implementation", err)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+class MultiHeadAttention(nn.Module):
+    """MultiHead(Q, K, V) = Concat(head_1..head_H) W^O, head_i = Attention(Q W_i^Q, ...).
+
+    The projections carry no biases, as in the paper's equations.
+    """
+
+    config: TransformerConfig
+
+    def setup(self):
+        cfg = self.config
+        d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
+        # Xavier over (D) -> (H*K), i.e. the fan-in/out of the paper's D x D matrices.
+        w_in = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
+        w_out = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
+        in_axes, out_axes = ("embed", "heads", "kv"), ("heads", "kv", "embed")
+
+        def proj(name, init, axes, shape):
+            boxed = nn.with_logical_partitioning(init, axes)
+            return self.param(name, boxed, shape, cfg.params_dtype)
+
+        self.query = proj("query", w_in, in_axes, (d, h, k))
+        self.key = proj("key", w_in, in_axes, (d, h, k))
+        self.value = proj("value", w_in, in_axes, (d, h, k))
+        self.out = proj("out", w_out, out_axes, (h, k, d))
+
+    def _heads(self, x: jax.Array, w: jax.Array) -> jax.Array:
+        y = matmul("btd,dhk->bthk", x, w, self.config.compute_dtype)
+        y = y.astype(self.config.compute_dtype)
+        return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
+
+    def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``[B, S, D]`` -> keys and values, each ``[B, S, H, K]``."""
+        return self._heads(x, self.key), self._heads(x, self.value)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        *,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Attends from ``x`` to ``kv`` (default: self-attention over ``x``).
+
+        Args:
+          x: ``[B, T, D]`` query-side inputs.
+          mask: ``[B, 1, T, S]`` bool.
+          kv: precomputed ``([B, S, H, K], [B, S, H, K])`` keys and values: the encoder memory's
+            (computed once per sentence) or a decoding cache's.
+          deterministic: disables attention dropout.
+
+        Returns:
+          ``[B, T, D]``. When the ``intermediates`` collection is mutable, also sows the float32
+          probabilities ``[B, H, T, S]`` as ``attention_weights``.
+        """
+        cfg = self.config
+        q = self._heads(x, self.query)
+        k, v = self.project_kv(x) if kv is None else kv
+        dropout = 0.0 if deterministic else cfg.attention_dropout_rate
+        want_weights = self.is_mutable_collection("intermediates")
+        if want_weights or dropout > 0.0:
+            rng = self.make_rng("dropout") if dropout > 0.0 else None
+            out, probs = einsum_attention(q, k, v, mask, dropout_rate=dropout, dropout_rng=rng)
+            if want_weights:
+                self.sow("intermediates", "attention_weights", probs)
+        else:
+            out = fused_attention(q, k, v, mask)
+        y = matmul("bthk,hkd->btd", out, self.out, cfg.compute_dtype)
+        return y.astype(cfg.compute_dtype)

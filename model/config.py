@@ -1,0 +1,163 @@
+"""The model's one configuration: a frozen dataclass with the paper's presets.
+
+Choices the paper leaves open, made here (and documented in the README):
+  * LayerNorm epsilon 1e-6 (tensor2tensor, the paper's reference code), with scale and bias.
+  * No biases in the attention projections W^Q, W^K, W^V, W^O (the paper's equations have none);
+    the feed-forward layers have biases (FFN(x) = max(0, x W1 + b1) W2 + b2, eq. 2).
+  * Initialisers: Xavier-uniform for all projection matrices (fan-in/fan-out taken over the
+    model dimension and the heads x head-dim dimension), zeros for biases, ones/zeros for
+    LayerNorm, and N(0, d_model^-0.5) for the shared embedding so that, once multiplied by
+    sqrt(d_model), the embedded tokens have unit variance (as in tensor2tensor).
+  * No attention dropout by default (the paper applies dropout only to sub-layer outputs and to
+    embeddings + positions); ``attention_dropout_rate`` is there for experiments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+
+Norm = Literal["post", "pre"]
+PositionalLayout = Literal["interleaved", "concat"]
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Hyper-parameters of the encoder-decoder Transformer.
+
+    Attributes:
+      vocab_size: V, size of the vocabulary shared by source and target (id 0 is padding).
+      d_model: D, width of the residual stream and of the embeddings.
+      num_heads: H, attention heads; the head dimension is K = D / H.
+      d_ff: F, inner width of the position-wise feed-forward network.
+      num_encoder_layers: N for the encoder.
+      num_decoder_layers: N for the decoder.
+      dropout_rate: P_drop on each sub-layer output and on embeddings + positions.
+      attention_dropout_rate: dropout on attention probabilities (not in the paper: 0).
+      max_len: longest sequence (source, target or decoding cache) the positional table covers.
+      dtype: compute dtype ("float32", "bfloat16", "float16"). Matmuls take inputs in this
+        dtype and accumulate in float32; LayerNorm statistics and softmax run in float32.
+      param_dtype: storage dtype of the parameters.
+      norm: "post" is the paper's LayerNorm(x + Dropout(Sublayer(x))); "pre" is
+        x + Dropout(Sublayer(LayerNorm(x))) with a final LayerNorm after each stack.
+      positional_encoding: "interleaved" is the paper's PE(pos, 2i) = sin, PE(pos, 2i+1) = cos;
+        "concat" is tensor2tensor's [sin | cos] halves layout.
+      layer_norm_epsilon: epsilon of every LayerNorm.
+    """
+
+    vocab_size: int
+    d_model: int = 512
+    num_heads: int = 8
+    d_ff: int = 2048
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.0
+    max_len: int = 512
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    norm: Norm = "post"
+    positional_encoding: PositionalLayout = "interleaved"
+    layer_norm_epsilon: float = 1e-6
+
+    def __post_init__(self):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "num_heads",
+            "d_ff",
+            "num_encoder_layers",
+            "num_decoder_layers",
+            "max_len",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"TransformerConfig.{name} must be a positive int, got {value!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"TransformerConfig.d_model={self.d_model} must be divisible by "
+                f"num_heads={self.num_heads}"
+            )
+        if self.positional_encoding == "concat" and self.d_model % 2:
+            raise ValueError(
+                f"TransformerConfig.d_model={self.d_model} must be even for positional_encoding="
+                "'concat'"
+            )
+        for name in ("dropout_rate", "attention_dropout_rate"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"TransformerConfig.{name} must be in [0, 1), got {value!r}")
+        for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
+            if value not in _DTYPES:
+                raise ValueError(
+                    f"TransformerConfig.{name} must be one of {_DTYPES}, got {value!r}"
+                )
+        if self.norm not in ("post", "pre"):
+            raise ValueError(f"TransformerConfig.norm must be 'post' or 'pre', got {self.norm!r}")
+        if self.positional_encoding not in ("interleaved", "concat"):
+            raise ValueError(
+                "TransformerConfig.positional_encoding must be 'interleaved' or 'concat', "
+                f"got {self.positional_encoding!r}"
+            )
+        if not self.layer_norm_epsilon > 0:
+            raise ValueError(
+                f"TransformerConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """K, the per-head width of queries, keys and values."""
+        return self.d_model // self.num_heads
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes) -> TransformerConfig:
+        """Returns a validated copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TransformerConfig:
+        """Inverse of ``to_dict``; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TransformerConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    # Presets. Table 3 of the paper; `tiny` is for tests and smoke runs.
+    @classmethod
+    def base(cls, vocab_size: int, **overrides) -> TransformerConfig:
+        """Transformer (base): N=6, d_model=512, d_ff=2048, h=8, P_drop=0.1 (~63M params at 37k)."""
+        return cls(vocab_size=vocab_size, **overrides)
+
+    @classmethod
+    def big(cls, vocab_size: int, **overrides) -> TransformerConfig:
+        """Transformer (big): N=6, d_model=1024, d_ff=4096, h=16, P_drop=0.3 (~213M at 37k)."""
+        values = dict(d_model=1024, num_heads=16, d_ff=4096, dropout_rate=0.3)
+        return cls(vocab_size=vocab_size, **{**values, **overrides})
+
+    @classmethod
+    def tiny(cls, vocab_size: int, **overrides) -> TransformerConfig:
+        """A 2+2-layer, d_model=32 model for tests and smoke runs."""
+        values = dict(
+            d_model=32,
+            num_heads=4,
+            d_ff=64,
+            num_encoder_layers=2,
+            num_decoder_layers=2,
+            max_len=128,
+        )
+        return cls(vocab_size=vocab_size, **{**values, **overrides})

@@ -1,0 +1,133 @@
+"""Building blocks: shared embedding, sinusoidal positions, feed-forward network, LayerNorm.
+
+Shapes follow the legend in ``model/attention.py``: B batch, T length, D model, F feed-forward,
+V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from model.config import TransformerConfig
+
+
+def matmul(equation: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Einsum with inputs cast to the compute ``dtype`` and float32 accumulation.
+
+    Accumulating in float32 keeps bf16 training accurate, and on CPU it is also what makes bf16
+    matmuls fast (a plain bf16 x bf16 -> bf16 dot gains almost nothing there).
+
+    Returns:
+      The float32 result; callers cast it back once their bias/residual arithmetic is done.
+    """
+    return jnp.einsum(
+        equation, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32
+    )
+
+
+def sinusoidal_positions(
+    max_len: int, d_model: int, layout: str = "interleaved", max_timescale: float = 1e4
+) -> np.ndarray:
+    """The fixed positional encodings, float32 ``[max_len, D]``.
+
+    ``"interleaved"`` is the paper's section 3.5:
+        PE(pos, 2i) = sin(pos / 10000^(2i / d_model)),  PE(pos, 2i + 1) = cos(same angle).
+    ``"concat"`` is tensor2tensor's ``get_timing_signal_1d``: sines in the first half, cosines in
+    the second, with timescales spaced geometrically from 1 to 10000 over ``D/2`` channels.
+    """
+    pos = np.arange(max_len, dtype=np.float64)[:, None]
+    if layout == "interleaved":
+        two_i = np.arange(0, d_model, 2, dtype=np.float64)
+        angles = pos / np.power(max_timescale, two_i / d_model)  # [L, ceil(D/2)]
+        pe = np.zeros((max_len, d_model), dtype=np.float64)
+        pe[:, 0::2] = np.sin(angles)
+        pe[:, 1::2] = np.cos(angles[:, : d_model // 2])
+    elif layout == "concat":
+        half = d_model // 2
+        increment = math.log(max_timescale) / max(half - 1, 1)
+        inv_timescales = np.exp(np.arange(half, dtype=np.float64) * -increment)
+        angles = pos * inv_timescales[None, :]
+        pe = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    else:
+        raise ValueError(
+            f"unknown positional layout {layout!r}; expected 'interleaved' or 'concat'"
+        )
+    return pe.astype(np.float32)
+
+
+class Embed(nn.Module):
+    """The embedding shared by source, target and the pre-softmax projection (section 3.4)."""
+
+    config: TransformerConfig
+
+    def setup(self):
+        cfg = self.config
+        init = nn.initializers.normal(stddev=cfg.d_model**-0.5)
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(init, ("vocab", "embed")),
+            (cfg.vocab_size, cfg.d_model),
+            cfg.params_dtype,
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """``[B, T]`` int ids -> ``[B, T, D]`` embeddings multiplied by sqrt(d_model)."""
+        cfg = self.config
+        x = jnp.take(self.embedding, ids, axis=0).astype(jnp.float32)
+        return (x * math.sqrt(cfg.d_model)).astype(cfg.compute_dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """``[B, T, D]`` -> float32 logits ``[B, T, V]`` with the transposed embedding matrix."""
+        logits = matmul("btd,vd->btv", x, self.embedding, self.config.compute_dtype)
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = max(0, x W1 + b1) W2 + b2 (equation 2), ``[B, T, D] -> [B, T, D]``."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        dense = nn.initializers.xavier_uniform()
+        zeros = nn.initializers.zeros_init()
+        w1 = self.param(
+            "wi",
+            nn.with_logical_partitioning(dense, ("embed", "mlp")),
+            (cfg.d_model, cfg.d_ff),
+            cfg.params_dtype,
+        )
+        b1 = self.param(
+            "bi", nn.with_logical_partitioning(zeros, ("mlp",)), (cfg.d_ff,), cfg.params_dtype
+        )
+        w2 = self.param(
+            "wo",
+            nn.with_logical_partitioning(dense, ("mlp", "embed")),
+            (cfg.d_ff, cfg.d_model),
+            cfg.params_dtype,
+        )
+        b2 = self.param(
+            "bo", nn.with_logical_partitioning(zeros, ("embed",)), (cfg.d_model,), cfg.params_dtype
+        )
+        h = jax.nn.relu(matmul("btd,df->btf", x, w1, cfg.compute_dtype) + b1)
+        h = nn.with_logical_constraint(h.astype(cfg.compute_dtype), ("batch", "length", "mlp"))
+        y = matmul("btf,fd->btd", h, w2, cfg.compute_dtype) + b2
+        return y.astype(cfg.compute_dtype)
+
+
+def layer_norm(config: TransformerConfig, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm over D with learned scale and bias; statistics in float32."""
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_epsilon,
+        dtype=config.compute_dtype,
+        param_dtype=config.params_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        name=name,
+    )
