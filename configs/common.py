@@ -1,0 +1,60 @@
+"""Fields shared by every configuration, with their meaning. Each config file overrides some."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # Model: a TransformerConfig preset plus overrides (any TransformerConfig field).
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "base"  # 'base' | 'big' | 'tiny'
+    c.model.overrides = ml_collections.ConfigDict()
+
+    # Data (fields documented in data/__init__.py).
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "default"
+    c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data.source_lang = "en"
+    c.data.target_lang = "es"
+    c.data.train_prefix = ml_collections.FieldReference(None, field_type=str)
+    c.data.dev_prefix = ml_collections.FieldReference(None, field_type=str)
+    c.data.test_prefix = ml_collections.FieldReference(None, field_type=str)
+    c.data.tfds_name = ml_collections.FieldReference(None, field_type=str)
+    c.data.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data.download = False
+    c.vocab_size = 8000  # SentencePiece vocabulary shared by source and target
+    c.max_len = 128  # packed row length (source and target), EOS included
+    c.overlong = "filter"  # 'filter' | 'truncate' training pairs longer than max_len
+
+    # Batch: a token budget per side per optimizer step, over all devices and hosts.
+    c.tokens_per_step = 25_000
+    c.grad_accum_steps = 1  # micro-batches per step (same total tokens, less memory)
+
+    # Optimizer (section 5.3): Adam, lr = lr_scale * d_model^-0.5 * min(s^-0.5, s * w^-1.5).
+    c.lr_scale = 1.0
+    c.warmup_steps = 4000
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.98
+    c.adam_eps = 1e-9
+    c.grad_clip_norm = 0.0  # 0 disables clipping
+    c.label_smoothing = 0.1
+    c.num_train_steps = 100_000
+
+    # Devices: mesh sizes; data = -1 takes all devices left over.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    # Logging, evaluation and checkpoints.
+    c.log_every_steps = 100
+    c.eval_every_steps = 1000  # dev loss / perplexity
+    c.bleu_every_steps = 5000  # dev BLEU / chrF (0: only at the end)
+    c.eval_sentences = 0  # dev sentences for BLEU during training (0: all)
+    c.eval_tokens_per_batch = 8192
+    c.beam_size = 4
+    c.alpha = 0.6
+    c.num_samples = 3  # sample translations printed at each BLEU evaluation
+    c.checkpoint_every_steps = 5000
+    c.checkpoint_every_minutes = 10.0
+    c.keep_checkpoints = 5
+    return c

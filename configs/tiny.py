@@ -1,0 +1,32 @@
+"""Smoke test: a few dozen steps of a tiny model on the tiny split of the default corpus.
+
+Trains in well under a minute on CPU; tests and quick checks use it. Point it at other text
+files with --config.data.train_prefix/dev_prefix.
+"""
+
+from configs.common import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.preset = "tiny"
+    c.model.overrides.max_len = 64
+    c.data.source = "text"
+    c.data.train_prefix = "../shared/corpus/bible-en-es/tiny/train"
+    c.data.dev_prefix = "../shared/corpus/bible-en-es/tiny/dev"
+    c.vocab_size = 500
+    c.max_len = 64
+    c.tokens_per_step = 1024
+    c.lr_scale = 2.0
+    c.warmup_steps = 10
+    c.num_train_steps = 40
+    c.log_every_steps = 10
+    c.eval_every_steps = 40
+    c.bleu_every_steps = 0
+    c.eval_sentences = 16
+    c.beam_size = 2
+    c.num_samples = 2
+    c.checkpoint_every_steps = 20
+    c.checkpoint_every_minutes = 10.0
+    c.keep_checkpoints = 3
+    return c

@@ -1,0 +1,38 @@
+"""Decoding: greedy search, sampling and beam search over any ``tokens_to_logits`` function.
+
+Modules (each has one job):
+
+- `beam_search`: `beam_search` with the GNMT length penalty, per-sentence length limits,
+  early stopping and n-best output (the paper's decoder), and `length_penalty`.
+- `sampling`: `greedy_search` and `sample` (temperature, top-k, top-p).
+- `model_fns`: `cached_decoder` / `uncached_decoder`, which turn a `Transformer`, its variables
+  and a source batch into ``(tokens_to_logits, initial cache)``.
+- `common`: the cache contract and the length limits shared by the searches.
+
+The searches see the model only through ``tokens_to_logits(ids [B, 1] int32, cache) ->
+(logits [B, V] float32, cache)`` and a cache pytree whose non-scalar leaves have the batch as
+their leading dimension (beam search tiles and reorders those per beam; 0-d leaves such as a
+step index are shared). They are ``lax.while_loop``s, jit-compatible with the sizes static:
+
+    @functools.partial(jax.jit, static_argnames="max_len")
+    def translate(variables, src, max_lengths, max_len):
+        fn, cache = decoding.cached_decoder(model, variables, src, max_len)
+        seqs, scores = decoding.beam_search(fn, cache, batch_size=src.shape[0], bos_id=2,
+                                            eos_id=1, max_len=max_len, max_lengths=max_lengths)
+        return seqs[:, 0]   # [B, max_len]: the best hypothesis, EOS then 0s
+"""
+
+from decoding.beam_search import beam_search, length_penalty
+from decoding.model_fns import cached_decoder, uncached_decoder
+from decoding.sampling import greedy_search, sample, top_k_filter, top_p_filter
+
+__all__ = [
+    "beam_search",
+    "cached_decoder",
+    "greedy_search",
+    "length_penalty",
+    "sample",
+    "top_k_filter",
+    "top_p_filter",
+    "uncached_decoder",
+]

@@ -1,0 +1,165 @@
+"""Beam search with the GNMT length penalty and early stopping (section 6.1 of the paper).
+
+The paper decodes with beam size 4, length penalty alpha = 0.6 and a maximum output length of
+input length + 50, "but terminate early when possible". The score of a finished hypothesis
+``y = (y_1, ..., y_n)`` (``y_n`` = EOS; BOS not counted) is
+
+    score(y) = log P(y | x) / lp(n),   lp(n) = ((5 + n) / 6) ** alpha,
+
+with ``log P(y | x) = sum_t log_softmax(logits_t)[y_t]`` over the model's full vocabulary
+(Wu et al., 2016, without the coverage penalty). The search approximates the best-scoring
+hypotheses among those with ``n <= max_lengths[b]``:
+
+* Each step expands the K live hypotheses by every token, keeps the 2K best extensions by
+  log-probability, files those of the top K that end in EOS as finished (like fairseq, so that
+  K = 1 with alpha = 0 is greedy search), and keeps the K best that do not as live.
+* At a sentence's length limit only EOS may follow, so every output ends with EOS.
+* Padding (id 0) is never emitted; tokens after EOS are 0.
+* A sentence is done once its ``n_best``-th finished score is at least the best score any live
+  hypothesis could still reach (its log-probability can only fall, and lp is monotonic, so
+  the bound is ``log P / max(lp(i + 1), lp(limit))``); the loop exits when all are done.
+
+The loop is a ``lax.while_loop``; the cache is tiled per beam and reordered by parent beam each
+step (non-scalar leaves only), so the search knows nothing of the model behind
+``tokens_to_logits``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from decoding.common import NEG_INF, Cache, TokensToLogits, check_cache, length_limits
+from decoding.common import restrict_tokens as _restrict
+
+
+def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
+    """GNMT's ``((5 + length) / 6) ** alpha``; 1 at length 1 when alpha = 0."""
+    return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def beam_search(
+    tokens_to_logits: TokensToLogits,
+    cache: Cache,
+    *,
+    batch_size: int,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+    bos_id: int,
+    eos_id: int,
+    max_len: int,
+    max_lengths: jax.Array | None = None,
+    n_best: int = 1,
+) -> tuple[jax.Array, jax.Array]:
+    """Finds the ``n_best`` best-scoring outputs of each sentence (see the module docstring).
+
+    Args:
+      tokens_to_logits: ``(ids [B*K, 1] int32, cache) -> (logits [B*K, V], cache)``; row
+        ``b * K + k`` is beam k of sentence b.
+      cache: the initial cache for B sentences (non-scalar leaves have B leading rows); it is
+        tiled to B*K rows here.
+      batch_size: B.
+      beam_size: K, static.
+      alpha: the length penalty exponent (0: plain log-probability).
+      bos_id: the first decoder input.
+      eos_id: the end-of-sequence id.
+      max_len: static T, the width of the output and the most steps taken.
+      max_lengths: optional ``[B]`` int per-sentence limits on n (capped at ``max_len``).
+      n_best: N <= K, how many hypotheses to return per sentence, static.
+
+    Returns:
+      ``(sequences [B, N, T] int32, scores [B, N] float32)``, best first. Sequences end with
+      EOS, then 0s. Scores are ``log P(y | x) / lp(n)`` as above; where a sentence has fewer
+      than N possible outputs (a tiny limit and vocabulary) the missing ones have score -inf
+      and no tokens.
+    """
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"need 1 <= n_best <= beam_size, got {n_best=}, {beam_size=}")
+    check_cache(cache, batch_size)
+    b, k, t = batch_size, beam_size, max_len
+    limits = length_limits(max_lengths, b, t)
+    best_limit_lp = length_penalty(limits, alpha)  # [B]
+
+    # Only beam 0 is live at first, so the K copies of BOS do not fill the beam with duplicates.
+    init = {
+        "i": jnp.array(0, jnp.int32),
+        "cache": jax.tree.map(lambda x: _tile(x, k), cache),
+        "live_seqs": jnp.zeros((b, k, t), jnp.int32),
+        "live_logp": jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (b, 1)),
+        "last": jnp.full((b, k), bos_id, jnp.int32),
+        "done_seqs": jnp.zeros((b, k, t), jnp.int32),
+        "done_scores": jnp.full((b, k), NEG_INF, jnp.float32),
+    }
+
+    def cond(state):
+        i = state["i"]
+        best_live = jnp.max(state["live_logp"], axis=1)  # [B]
+        reachable = best_live / jnp.maximum(length_penalty(i + 1, alpha), best_limit_lp)
+        settled = state["done_scores"][:, n_best - 1] >= reachable
+        finished = (best_live < NEG_INF / 2) | settled | (i >= limits)
+        return (i < t) & ~jnp.all(finished)
+
+    def body(state):
+        i = state["i"]
+        logits, new_cache = tokens_to_logits(state["last"].reshape(b * k, 1), state["cache"])
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        at_limit = jnp.repeat(i + 1 >= limits, k)  # [B*K]
+        log_probs = _restrict(log_probs, at_limit, eos_id).reshape(b, k, -1)
+        vocab = log_probs.shape[-1]
+
+        # The 2K best extensions of all live beams: at most K of them end in EOS, so at least
+        # K remain live.
+        ext_logp = (state["live_logp"][:, :, None] + log_probs).reshape(b, k * vocab)
+        top_logp, top_idx = jax.lax.top_k(ext_logp, 2 * k)  # [B, 2K]
+        parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
+        top_seqs = jnp.take_along_axis(state["live_seqs"], parent[:, :, None], axis=1)
+        top_seqs = top_seqs.at[:, :, i].set(token)
+        is_eos = token == eos_id
+        exists = top_logp > NEG_INF / 2
+
+        # Finished: EOS extensions among the top K, merged with the earlier ones.
+        new_scores = top_logp / length_penalty(i + 1, alpha)
+        newly_done = is_eos & exists & (jnp.arange(2 * k) < k)[None, :]
+        done_scores, done_seqs = _top_k(
+            jnp.concatenate([state["done_scores"], jnp.where(newly_done, new_scores, NEG_INF)], 1),
+            jnp.concatenate([state["done_seqs"], top_seqs], axis=1),
+            k,
+        )
+
+        # Live: the K best extensions that do not end in EOS.
+        live_logp, (live_seqs, live_parent, last) = _top_k(
+            jnp.where(is_eos | ~exists, NEG_INF, top_logp), (top_seqs, parent, token), k
+        )
+        rows = (jnp.arange(b)[:, None] * k + live_parent).reshape(b * k)
+        new_cache = jax.tree.map(lambda x: x if jnp.ndim(x) == 0 else x[rows], new_cache)
+        return {
+            "i": i + 1,
+            "cache": new_cache,
+            "live_seqs": live_seqs,
+            "live_logp": live_logp,
+            "last": last,
+            "done_seqs": done_seqs,
+            "done_scores": done_scores,
+        }
+
+    final = jax.lax.while_loop(cond, body, init)
+    scores = final["done_scores"][:, :n_best]
+    found = scores > NEG_INF / 2
+    seqs = jnp.where(found[:, :, None], final["done_seqs"][:, :n_best], 0)
+    return seqs, jnp.where(found, scores, -jnp.inf)
+
+
+def _tile(x: jax.Array, k: int) -> jax.Array:
+    """``[B, ...] -> [B*K, ...]`` with row ``b * K + j`` a copy of row b; 0-d leaves shared."""
+    return x if jnp.ndim(x) == 0 else jnp.repeat(x, k, axis=0)
+
+
+def _top_k(scores: jax.Array, values, k: int):
+    """The k best of ``scores [B, M]`` (stable: earlier entries win ties) and the matching
+    entries of each ``[B, M, ...]`` array in ``values``."""
+    top, idx = jax.lax.top_k(scores, k)
+
+    def pick(v):
+        return jnp.take_along_axis(v, idx.reshape(idx.shape + (1,) * (v.ndim - 2)), axis=1)
+
+    return top, jax.tree.map(pick, values)

@@ -1,0 +1,67 @@
+"""Pieces shared by the search functions: the cache contract, length limits, forbidden tokens.
+
+Every search drives a ``tokens_to_logits(ids [B, 1] int32, cache) -> (logits [B, V], cache)``
+function. The cache is any pytree: leaves with ndim >= 1 have the batch (or batch x beam) as
+their leading dimension, 0-d leaves (a step index) are shared by all rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Cache = Any
+TokensToLogits = Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]
+
+PAD_ID = 0  # Outputs are padded with 0 after EOS, so the searches never emit it.
+
+# Large but finite: sums of a few of these stay finite in float32 (no inf - inf = nan), and any
+# score below NEG_INF / 2 marks a hypothesis that does not exist.
+NEG_INF = -1.0e30
+
+
+def check_cache(cache: Cache, batch_size: int) -> None:
+    """Raises ValueError unless every non-scalar cache leaf has ``batch_size`` leading rows."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
+        if jnp.ndim(leaf) >= 1 and jnp.shape(leaf)[0] != batch_size:
+            raise ValueError(
+                f"cache leaf {jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}; expected "
+                f"batch_size={batch_size} leading rows (0-d leaves are shared by all rows)"
+            )
+
+
+def length_limits(max_lengths: jax.Array | None, batch_size: int, max_len: int) -> jax.Array:
+    """Per-sentence output length limits ``[B]`` int32, EOS included, capped at ``max_len``."""
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    if max_lengths is None:
+        return jnp.full((batch_size,), max_len, jnp.int32)
+    max_lengths = jnp.asarray(max_lengths, jnp.int32)
+    if max_lengths.shape != (batch_size,):
+        raise ValueError(f"max_lengths has shape {max_lengths.shape}; expected ({batch_size},)")
+    return jnp.clip(max_lengths, 1, max_len)
+
+
+def restrict_tokens(
+    log_probs: jax.Array, at_limit: jax.Array, eos_id: int, fill: float = NEG_INF
+) -> jax.Array:
+    """Forbids padding everywhere and everything but EOS where a row is at its length limit.
+
+    Forcing EOS at the limit (as fairseq does) means every output ends with EOS and its score
+    includes the model's probability of stopping there.
+
+    Args:
+      log_probs: ``[B, V]`` log-probabilities or logits.
+      at_limit: ``[B]`` bool, True where the next token is the last one allowed.
+      eos_id: the end-of-sequence id.
+      fill: the value of forbidden entries.
+
+    Returns:
+      ``[B, V]``, with forbidden entries set to ``fill``.
+    """
+    vocab = jnp.arange(log_probs.shape[-1])
+    allowed = (vocab != PAD_ID)[None, :] & (~at_limit[:, None] | (vocab == eos_id)[None, :])
+    return jnp.where(allowed, log_probs, fill)

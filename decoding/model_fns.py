@@ -1,0 +1,82 @@
+"""Adapters from a ``Transformer`` to the searches' ``(tokens_to_logits, initial cache)``.
+
+* ``cached_decoder``: the encoder runs once, ``init_cache`` computes every layer's
+  encoder-decoder keys/values once, and each step runs ``decode_step`` on one new token,
+  appending its self-attention keys/values to the cache. This is how to decode.
+* ``uncached_decoder``: each step writes the new token into a ``[B, L]`` prefix and re-runs the
+  whole decoder (``Transformer.decode``) over it, reading the logits at the current position.
+  Static shapes mean it always processes all L positions (later ones are padding, invisible to
+  earlier ones). It exists to check the cache and to measure what the cache saves.
+
+Call them inside the jitted function, so that ``variables`` and ``src`` are traced:
+
+    @functools.partial(jax.jit, static_argnames="max_len")
+    def translate(variables, src, max_len):
+        tokens_to_logits, cache = cached_decoder(model, variables, src, max_len)
+        return beam_search(tokens_to_logits, cache, batch_size=src.shape[0], bos_id=2,
+                           eos_id=1, max_len=max_len)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from decoding.common import Cache, TokensToLogits
+from model.transformer import Transformer
+
+
+def cached_decoder(
+    model: Transformer, variables: dict, src: jax.Array, max_len: int
+) -> tuple[TokensToLogits, Cache]:
+    """Incremental decoding with the model's key/value cache.
+
+    Args:
+      model: the Transformer.
+      variables: its variables (``{'params': ...}``).
+      src: ``[B, S]`` int32 source ids, 0 = padding.
+      max_len: L, the most target positions (steps) the cache holds.
+
+    Returns:
+      ``(tokens_to_logits, cache)``: ``ids [B, 1] -> logits [B, V]`` float32, and the cache of
+      ``Transformer.init_cache`` (``'index'`` is its only 0-d leaf).
+    """
+    memory = model.apply(variables, src, method=Transformer.encode)
+    cache = model.apply(variables, memory, src, max_len, method=Transformer.init_cache)
+
+    def tokens_to_logits(ids: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+        logits, cache = model.apply(variables, ids, cache, method=Transformer.decode_step)
+        return logits[:, 0].astype(jnp.float32), cache
+
+    return tokens_to_logits, cache
+
+
+def uncached_decoder(
+    model: Transformer, variables: dict, src: jax.Array, max_len: int
+) -> tuple[TokensToLogits, Cache]:
+    """Decoding that re-runs the full decoder over the whole prefix at every step.
+
+    Args: as for ``cached_decoder``.
+
+    Returns:
+      ``(tokens_to_logits, cache)`` with cache ``{'index': int32 [], 'prefix': [B, L] int32
+      decoder inputs so far (0 after them), 'memory': [B, S, D], 'src': [B, S]}``.
+    """
+    memory = model.apply(variables, src, method=Transformer.encode)
+    cache = {
+        "index": jnp.array(0, jnp.int32),
+        "prefix": jnp.zeros((src.shape[0], max_len), jnp.int32),
+        "memory": memory,
+        "src": src,
+    }
+
+    def tokens_to_logits(ids: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+        index = cache["index"]
+        prefix = jax.lax.dynamic_update_slice(cache["prefix"], ids.astype(jnp.int32), (0, index))
+        logits = model.apply(
+            variables, cache["memory"], cache["src"], prefix, method=Transformer.decode
+        )
+        step = jax.lax.dynamic_index_in_dim(logits, index, axis=1, keepdims=False)
+        return step.astype(jnp.float32), {**cache, "index": index + 1, "prefix": prefix}
+
+    return tokens_to_logits, cache

@@ -1,0 +1,209 @@
+"""Beam search against brute-force enumeration on small Markov chains with known best paths.
+
+The "model" is a second-order Markov chain: the next token's logits are
+``tables[row, prev, last]``, where ``last`` is the input id and ``prev`` the token before it,
+kept in the cache. So the search must reorder the cache by parent beam to score correctly, and
+each sentence (``row``) has its own chain. Ids: 0 pad, 1 EOS, 2 BOS, 3.. others.
+"""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from decoding import beam_search, greedy_search, length_penalty
+
+PAD, EOS, BOS = 0, 1, 2
+
+
+def chain(tables, rows):
+    """``(tokens_to_logits, cache)`` for the chains ``tables [R, V, V, V]``, one row each."""
+    tables = jnp.asarray(tables, jnp.float32)
+
+    def tokens_to_logits(ids, cache):
+        last = ids[:, 0]
+        logits = tables[cache["row"], cache["prev"], last]
+        return logits, {"index": cache["index"] + 1, "prev": last, "row": cache["row"]}
+
+    rows = jnp.asarray(rows, jnp.int32)
+    cache = {"index": jnp.array(0, jnp.int32), "prev": jnp.full_like(rows, BOS), "row": rows}
+    return tokens_to_logits, cache
+
+
+def first_order(probs_by_last: dict[int, dict[int, float]], vocab: int) -> np.ndarray:
+    """A ``[1, V, V, V]`` table from next-token probabilities per last token (rest ~0)."""
+    table = np.full((vocab, vocab), np.log(1e-9))
+    for last, probs in probs_by_last.items():
+        for tok, p in probs.items():
+            table[last, tok] = np.log(p)
+    return np.broadcast_to(table[None, :, :], (vocab, vocab, vocab))[None].copy()
+
+
+def brute_force(table, max_n, alpha):
+    """All outputs of length <= max_n (EOS last, never pad), best first: [(score, ids)]."""
+    logp = np.asarray(jax.nn.log_softmax(jnp.asarray(table, jnp.float32), axis=-1))
+    others = [t for t in range(table.shape[-1]) if t not in (PAD, EOS)]
+    found = []
+    for n in range(1, max_n + 1):
+        for prefix in itertools.product(others, repeat=n - 1):
+            ids, prev, last, total = (*prefix, EOS), BOS, BOS, 0.0
+            for tok in ids:
+                total += logp[prev, last, tok]
+                prev, last = last, tok
+            found.append((total / float(length_penalty(n, alpha)), ids))
+    return sorted(found, key=lambda x: -x[0])
+
+
+@functools.partial(
+    jax.jit, static_argnames=("batch_size", "beam_size", "alpha", "max_len", "n_best")
+)
+def run_beam(tables, rows, max_lengths=None, **kwargs):
+    fn, cache = chain(tables, rows)
+    return beam_search(fn, cache, bos_id=BOS, eos_id=EOS, max_lengths=max_lengths, **kwargs)
+
+
+def ids_of(row):
+    """The tokens of one output row, up to and including EOS."""
+    row = list(np.asarray(row))
+    return tuple(row[: row.index(EOS) + 1])
+
+
+# Greedy takes a (0.55) and then EOS: 0.55 * 0.3 = 0.165; the best output is b EOS: 0.405.
+GREEDY_TRAP = {
+    BOS: {3: 0.55, 4: 0.45},
+    3: {EOS: 0.3, 3: 0.25, 4: 0.25, 5: 0.2},
+    4: {EOS: 0.9, 3: 0.05, 5: 0.05},
+    5: {EOS: 0.5, 3: 0.5},
+}
+# Without a length penalty EOS alone (0.4) wins over a b EOS (0.6 * 0.97 * 0.63 = 0.367);
+# with alpha = 0.6 the longer one wins: -1.003 / lp(3) = -0.844 > -0.916.
+PENALTY_FLIP = {
+    BOS: {EOS: 0.4, 3: 0.6},
+    3: {4: 0.97, EOS: 0.01, 3: 0.02},
+    4: {EOS: 0.63, 3: 0.37},
+}
+
+
+def test_finds_the_best_output_where_greedy_does_not():
+    table = first_order(GREEDY_TRAP, 6)
+    best = brute_force(table[0], 6, 0.6)[0]
+    seqs, scores = run_beam(table, [0], batch_size=1, max_len=6)  # beam 4, alpha 0.6
+    assert ids_of(seqs[0, 0]) == best[1] == (4, EOS)
+    np.testing.assert_allclose(scores[0, 0], best[0], rtol=1e-5)
+    fn, cache = chain(table, [0])
+    greedy, lengths = jax.jit(
+        lambda c: greedy_search(fn, c, batch_size=1, bos_id=BOS, eos_id=EOS, max_len=6)
+    )(cache)
+    assert ids_of(greedy[0]) == (3, EOS) and int(lengths[0]) == 2
+
+
+def test_length_penalty_changes_the_winner():
+    table = first_order(PENALTY_FLIP, 5)
+    winners = {}
+    for alpha in (0.0, 0.6):
+        best = brute_force(table[0], 5, alpha)[0]
+        seqs, scores = run_beam(table, [0], batch_size=1, alpha=alpha, max_len=5)
+        assert ids_of(seqs[0, 0]) == best[1]
+        np.testing.assert_allclose(scores[0, 0], best[0], rtol=1e-5)
+        winners[alpha] = best[1]
+    assert winners == {0.0: (EOS,), 0.6: (3, 4, EOS)}
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.5])
+def test_exhaustive_beam_returns_the_brute_force_n_best(alpha):
+    # V = 5 leaves 3 tokens besides pad and EOS: at most 4 * 3**2 = 36 extensions per step for
+    # outputs of up to 4 tokens, so a beam of 40 keeps everything and must be exact.
+    rng = np.random.default_rng(0)
+    tables = rng.normal(0, 2.0, (3, 5, 5, 5))
+    limits = [4, 2, 3]
+    seqs, scores = run_beam(
+        tables, [0, 1, 2], jnp.array(limits), batch_size=3, beam_size=40, alpha=alpha,
+        max_len=4, n_best=6,
+    )  # fmt: skip
+    for b, limit in enumerate(limits):
+        expected = brute_force(tables[b], limit, alpha)[:6]
+        n = len(expected)  # a limit of 2 allows only 4 outputs: EOS, or one of 3 tokens + EOS
+        assert [ids_of(s) for s in seqs[b, :n]] == [ids for _, ids in expected]
+        np.testing.assert_allclose(scores[b, :n], [s for s, _ in expected], rtol=1e-5)
+        assert np.all(scores[b, n:] == -np.inf) and np.all(np.asarray(seqs[b, n:]) == PAD)
+        assert all(len(ids_of(s)) <= limit for s in seqs[b, :n])
+        assert np.all(np.diff(scores[b, :n]) <= 0)
+
+
+def test_default_beam_n_best_is_sorted_and_scored_exactly():
+    # With beam 4 the returned outputs need not be the global top 4, but each score must be its
+    # sequence's exact length-penalised log-probability, best first.
+    rng = np.random.default_rng(1)
+    tables = rng.normal(0, 2.0, (2, 6, 6, 6))
+    seqs, scores = run_beam(tables, [0, 1], batch_size=2, max_len=5, n_best=4)
+    for b in range(2):
+        exact = dict((ids, s) for s, ids in brute_force(tables[b], 5, 0.6))
+        got = [ids_of(s) for s in seqs[b]]
+        assert len(set(got)) == 4
+        np.testing.assert_allclose(scores[b], [exact[ids] for ids in got], rtol=1e-5)
+        assert np.all(np.diff(scores[b]) <= 0)
+        assert got[0] == brute_force(tables[b], 5, 0.6)[0][1]
+
+
+def test_per_sentence_limits_force_eos_and_pad_after_it():
+    # A chain that never wants to stop: each output ends with EOS exactly at its limit.
+    never_stop = first_order({t: {3: 0.5, 4: 0.5 - 1e-6, EOS: 1e-6} for t in (BOS, 3, 4)}, 5)
+    seqs, scores = run_beam(
+        np.repeat(never_stop, 3, 0), [0, 1, 2], jnp.array([1, 3, 9]), batch_size=3, max_len=6
+    )
+    lengths = [len(ids_of(s)) for s in seqs[:, 0]]
+    assert lengths == [1, 3, 6]  # the last limit is capped by max_len
+    for row, n in zip(seqs[:, 0], lengths, strict=True):
+        assert np.all(np.asarray(row[: n - 1]) > EOS) and np.all(np.asarray(row[n:]) == PAD)
+    assert np.all(np.isfinite(scores))
+
+
+def test_fewer_possible_outputs_than_n_best_are_minus_inf():
+    tables = np.random.default_rng(2).normal(size=(1, 5, 5, 5))
+    seqs, scores = run_beam(tables, [0], jnp.array([1]), batch_size=1, max_len=3, n_best=2)
+    assert ids_of(seqs[0, 0]) == (EOS,) and np.isfinite(scores[0, 0])
+    assert scores[0, 1] == -np.inf and np.all(np.asarray(seqs[0, 1]) == PAD)
+
+
+def test_beam_of_one_without_penalty_is_greedy():
+    tables = np.random.default_rng(3).normal(0, 2.0, (8, 7, 7, 7))
+    fn, cache = chain(tables, np.arange(8))
+    greedy, _ = jax.jit(
+        lambda c: greedy_search(fn, c, batch_size=8, bos_id=BOS, eos_id=EOS, max_len=10)
+    )(cache)
+    seqs, _ = run_beam(tables, np.arange(8), batch_size=8, beam_size=1, alpha=0.0, max_len=10)
+    np.testing.assert_array_equal(seqs[:, 0], greedy)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_stops_early_once_no_live_beam_can_win(alpha):
+    steps = []
+    table = jnp.asarray(first_order(GREEDY_TRAP, 6), jnp.float32)
+    inner, cache = chain(table, [0])
+
+    def counting(ids, cache):
+        jax.debug.callback(lambda: steps.append(1))
+        return inner(ids, cache)
+
+    seqs, _ = jax.jit(
+        lambda c: beam_search(
+            counting, c, batch_size=1, alpha=alpha, bos_id=BOS, eos_id=EOS, max_len=100
+        )
+    )(cache)
+    jax.effects_barrier()
+    assert ids_of(seqs[0, 0]) == (4, EOS)
+    # Without a penalty b EOS (log 0.405) settles it after step 2: every live log-probability is
+    # already lower. With it, the bound divides by lp(100) ~ 5.6, and as each live hypothesis
+    # loses >= log 2 per step, it takes a few more steps, still far below 100.
+    assert len(steps) == 2 if alpha == 0.0 else 2 < len(steps) <= 12
+
+
+def test_rejects_a_cache_without_batch_rows():
+    fn, cache = chain(first_order(GREEDY_TRAP, 6), [0, 0])
+    with pytest.raises(ValueError, match="batch_size=3"):
+        beam_search(fn, cache, batch_size=3, bos_id=BOS, eos_id=EOS, max_len=4)
+    with pytest.raises(ValueError, match="n_best"):
+        beam_search(fn, cache, batch_size=2, bos_id=BOS, eos_id=EOS, max_len=4, n_best=5)

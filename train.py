@@ -1,0 +1,342 @@
+"""Trains the Transformer with the paper's recipe, over whatever devices exist.
+
+    python train.py --config=configs/default.py --workdir=runs/default [--config.FIELD=VALUE ...]
+
+Rerunning the same command resumes from the newest readable checkpoint in the workdir: the
+parameters, Adam's moments, the step and the input iterator's position are restored, and the
+dropout masks of step s are a function of (seed, s), so a run killed at any moment continues as
+if it had never stopped. SIGTERM / SIGINT save a checkpoint and exit with 128 + signal.
+
+Several hosts: start the same command on each with --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (or rely on the cluster environment JAX detects).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import config_flags
+
+import data
+from model import Transformer, make_mesh, use_mesh
+from training import checkpoints, evaluation
+from training.metrics import MetricsWriter, Stopwatch
+from training.state import init_state, make_optimizer, model_config, state_shardings
+from training.step import make_eval_step, make_train_step, train_flops_per_step
+
+log = logging.getLogger("train")
+
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the training loss becomes NaN or infinite."""
+
+
+class _StopSignal:
+    """Remembers SIGTERM/SIGINT so the loop can save and exit at a step boundary."""
+
+    def __init__(self):
+        self.signum = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("received %s: saving a checkpoint and stopping", signal.Signals(signum).name)
+
+    def agreed(self) -> bool:
+        """Whether any process was signalled (all processes stop at the same step)."""
+        flag = np.array([self.signum is not None], np.int32)
+        if jax.process_count() > 1:
+            flag = multihost_utils.process_allgather(flag)
+        return bool(np.any(flag))
+
+
+def _write_config(workdir: Path, config: ml_collections.ConfigDict, model_cfg) -> None:
+    """Saves the resolved configs; refuses to resume with a different model."""
+    model_path = workdir / "model_config.json"
+    model_json = model_cfg.to_dict()
+    if model_path.exists():
+        saved = json.loads(model_path.read_text())
+        if saved != model_json:
+            diff = {k: (saved.get(k), v) for k, v in model_json.items() if saved.get(k) != v}
+            raise ValueError(
+                f"{model_path} describes a different model than this config (field: (saved, "
+                f"new)): {diff}; use a new --workdir or the original config"
+            )
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        model_path.write_text(json.dumps(model_json, indent=2) + "\n")
+
+
+def _next_batch(iterator, micro_batches: int) -> dict[str, np.ndarray]:
+    """``[A, R, L]`` arrays: A micro-batches from the process-local iterator, stacked."""
+    parts = [next(iterator) for _ in range(micro_batches)]
+    return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Runs (or resumes) training; returns the last metrics row written."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    wall = time.monotonic()
+
+    train_pairs = data.open_split(config.data, "train")
+    dev_pairs = data.open_split(config.data, "dev")
+    tokenizer = data.load_or_train(
+        workdir / "tokenizer.model", train_pairs, vocab_size=config.vocab_size, seed=config.seed
+    )
+    model_cfg = model_config(config, tokenizer.vocab_size)
+    if config.max_len > model_cfg.max_len:
+        raise ValueError(
+            f"config.max_len={config.max_len} exceeds the model's max_len={model_cfg.max_len}"
+        )
+    _write_config(workdir, config, model_cfg)
+    model = Transformer(model_cfg)
+
+    mesh = make_mesh(**config.mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    accum = config.grad_accum_steps
+    rows = data.rows_per_step(config.tokens_per_step // accum, config.max_len, shards)
+    if rows % jax.process_count():
+        raise ValueError(
+            f"{rows} rows per micro-batch do not split over {jax.process_count()} hosts"
+        )
+    dataset = data.train_dataset(
+        train_pairs,
+        tokenizer,
+        max_len=config.max_len,
+        rows=rows // jax.process_count(),
+        seed=config.seed,
+        overlong=config.overlong,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    iterator = iter(dataset)
+
+    tx, schedule = make_optimizer(config, model_cfg.d_model)
+    shardings, abstract = state_shardings(model, tx, mesh)
+    mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
+    best_mngr = checkpoints.manager(workdir, "best", keep=1)
+    rng = jax.random.key(config.seed)
+    restored = checkpoints.restore_latest(mngr, abstract)
+    if restored is None:
+        state, meta = init_state(model, tx, shardings, rng), {}
+        log.info("initialised a new %s-parameter model", f"{_count(state.params):,}")
+    else:
+        state, data_state, meta = restored
+        iterator.set_state(data_state)
+        log.info("resumed from step %d", int(state.step))
+    best_bleu = meta.get("best_bleu", -1.0)
+    clock = Stopwatch(meta.get("elapsed_s", 0.0))
+
+    batch_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None))
+    step_fn = make_train_step(
+        model, tx, schedule, bos_id=tokenizer.bos_id, label_smoothing=config.label_smoothing
+    )
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_sharding, None),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
+    )
+    eval_step = jax.jit(
+        make_eval_step(model, bos_id=tokenizer.bos_id, label_smoothing=config.label_smoothing)
+    )
+    evaluator = evaluation.Evaluator(
+        model, tokenizer, dev_pairs, config, mesh=mesh, eval_step=eval_step
+    )
+    flops = train_flops_per_step(model_cfg, rows * accum, config.max_len)
+    writer = MetricsWriter(workdir, config.num_train_steps, int(state.step))
+    stop = _StopSignal()
+
+    def checkpoint(step):
+        checkpoints.save(
+            mngr,
+            state,
+            iterator.get_state(),
+            {"elapsed_s": clock(), "best_bleu": best_bleu, "seed": config.seed},
+        )
+        log.info("checkpoint saved at step %d", step)
+
+    step = int(state.step)
+    last_row: dict = {}
+    window = _Window()
+    last_save = time.monotonic()
+    pending = None  # (step, metrics) of the previous step, checked after the next dispatch
+    compile_s = None
+    with use_mesh(mesh):
+        while step < config.num_train_steps:
+            local = _next_batch(iterator, accum)
+            tokens = int((local["inputs"] > 0).sum() + (local["targets"] > 0).sum())
+            batch = jax.make_array_from_process_local_data(batch_sharding, local)
+            state, metrics = train_step(state, batch, rng)
+            if compile_s is None:  # the first step compiles; keep it out of throughput figures
+                jax.block_until_ready(metrics)
+                compile_s = window.reset()
+                log.info("first step (with compilation) took %.1f s", compile_s)
+            else:
+                window.add(tokens)
+            _check_finite(pending)
+            step += 1
+            pending = (step, metrics)
+
+            is_last = step == config.num_train_steps
+            if step % config.log_every_steps == 0 or is_last:
+                _check_finite(pending)
+                values = jax.device_get(metrics)
+                seconds = max(window.seconds(), 1e-9)
+                row = {
+                    "loss": values["loss"],
+                    "nll": values["nll"],
+                    "learning_rate": values["learning_rate"],
+                    "grad_norm": values["grad_norm"],
+                    "tokens_per_sec": window.tokens * jax.process_count() / seconds,
+                    "model_flops_per_sec": flops * window.steps / seconds,
+                    "steps_per_sec": window.steps / seconds,
+                    "elapsed_s": clock(),
+                }
+                if compile_s:
+                    row["compile_s"], compile_s = compile_s, 0.0
+                writer.write(step, row)
+                writer.progress(step, f"loss {row['loss']:.3f} {row['tokens_per_sec']:.0f} tok/s")
+                last_row = row
+                window.reset()
+            with window.paused():  # evaluation and checkpoints are not training time
+                if config.eval_every_steps and (step % config.eval_every_steps == 0 or is_last):
+                    _check_finite(pending)
+                    row = {**evaluator.dev_loss(state.params), "elapsed_s": clock()}
+                    writer.write(step, row)
+                    log.info(
+                        "step %d: dev loss %.3f ppl %.2f", step, row["dev_loss"], row["dev_ppl"]
+                    )
+                bleu_due = config.bleu_every_steps and step % config.bleu_every_steps == 0
+                if bleu_due or is_last:
+                    _check_finite(pending)
+                    row = {**evaluator.bleu(state.params), "elapsed_s": clock()}
+                    writer.write(step, row)
+                    if row["bleu"] > best_bleu:
+                        best_bleu = row["bleu"]
+                        checkpoints.save_params(best_mngr, step, state.params, {"bleu": best_bleu})
+                check_signal = jax.process_count() == 1 or step % config.log_every_steps == 0
+                stopping = check_signal and stop.agreed()
+                minutes = (time.monotonic() - last_save) / 60
+                if (
+                    step % config.checkpoint_every_steps == 0
+                    or minutes >= config.checkpoint_every_minutes
+                    or is_last
+                    or stopping
+                ):
+                    _check_finite(pending)
+                    checkpoint(step)
+                    last_save = time.monotonic()
+            if stopping:
+                mngr.wait_until_finished()
+                writer.close()
+                sys.exit(128 + stop.signum if stop.signum else 128 + signal.SIGTERM)
+    mngr.wait_until_finished()
+    writer.close()
+    log.info("done: %d steps in %.1f min (wall %.1f min)", step, clock() / 60, _minutes(wall))
+    return last_row
+
+
+class _Window:
+    """Training tokens, steps and seconds since the last log line, minus paused time."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> float:
+        """Starts a new window; returns the seconds the old one lasted."""
+        now = time.monotonic()
+        seconds = now - getattr(self, "start", now)
+        self.start, self.tokens, self.steps = now, 0, 0
+        return seconds
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+        self.steps += 1
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.start += time.monotonic() - start
+
+
+def _check_finite(pending) -> None:
+    """Stops training at the first step whose loss is not finite; nothing bad is saved."""
+    if pending is None:
+        return
+    step, metrics = pending
+    loss = float(jax.device_get(metrics["loss"]))
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"training loss is {loss} at step {step}; stopping. The last checkpoint in the "
+            "workdir is from before this step; lower lr_scale or enable grad_clip_norm"
+        )
+
+
+def _count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _minutes(start: float) -> float:
+    return (time.monotonic() - start) / 60
+
+
+def _maybe_initialize_distributed() -> None:
+    if flags.FLAGS.num_processes and flags.FLAGS.num_processes > 1:
+        if jax.config.jax_platforms in (None, "", "cpu"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=flags.FLAGS.coordinator_address,
+            num_processes=flags.FLAGS.num_processes,
+            process_id=flags.FLAGS.process_id,
+        )
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
+    )
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
+        raise app.UsageError("--config and --workdir are required")
+    _maybe_initialize_distributed()
+    try:
+        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    except (data.DataError, NonFiniteLossError, FileNotFoundError, ValueError) as err:
+        log.error("%s", err)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

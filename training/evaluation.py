@@ -1,0 +1,102 @@
+"""Dev-set evaluation during training: loss and perplexity, BLEU and chrF with sacreBLEU."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import sacrebleu
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import data
+from decoding.translate import SearchConfig, Translator
+from model import Transformer
+
+log = logging.getLogger("train")
+
+
+def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
+    """Corpus BLEU and chrF on detokenized text, with sacreBLEU's signatures."""
+    bleu = sacrebleu.metrics.BLEU()
+    chrf = sacrebleu.metrics.CHRF()
+    b = bleu.corpus_score(list(hypotheses), [list(references)])
+    c = chrf.corpus_score(list(hypotheses), [list(references)])
+    return {
+        "bleu": b.score,
+        "chrf": c.score,
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+    }
+
+
+class Evaluator:
+    """Holds the dev set, batched once, and evaluates parameters on it."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: data.Tokenizer,
+        dev_pairs: Sequence[tuple[str, str]],
+        config: ml_collections.ConfigDict,
+        *,
+        mesh: Mesh,
+        eval_step: Callable,
+    ):
+        self.mesh, self.eval_step, self.config = mesh, eval_step, config
+        sources = [s for s, _ in dev_pairs]
+        references = [t for _, t in dev_pairs]
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        self._loss_batches = data.padded_batches(
+            sources,
+            tokenizer,
+            targets=references,
+            max_len=config.max_len,
+            tokens_per_batch=config.eval_tokens_per_batch,
+            row_multiple=shards,
+        )
+        n = config.eval_sentences or len(sources)
+        self._sources, self._references = sources[:n], references[:n]
+        search = SearchConfig(
+            method="beam" if config.beam_size > 1 else "greedy",
+            beam_size=config.beam_size,
+            alpha=config.alpha,
+        )
+        self.translator = Translator(
+            model, tokenizer, search, mesh=mesh, tokens_per_batch=config.eval_tokens_per_batch
+        )
+
+    def _place(self, array: np.ndarray) -> jax.Array:
+        sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp"), None))
+        return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
+
+    def dev_loss(self, params) -> dict:
+        """Label-smoothed loss and perplexity (exp of the plain NLL) per dev target token."""
+        loss = nll = tokens = 0.0
+        for batch in self._loss_batches:
+            placed = {k: self._place(batch[k]) for k in ("inputs", "targets")}
+            sums = jax.device_get(self.eval_step(params, placed))
+            loss, nll, tokens = loss + sums[0], nll + sums[1], tokens + sums[2]
+        tokens = max(tokens, 1.0)
+        return {
+            "dev_loss": loss / tokens,
+            "dev_nll": nll / tokens,
+            "dev_ppl": math.exp(nll / tokens),
+        }
+
+    def bleu(self, params) -> dict:
+        """Translates the dev sources (beam search as configured) and scores them."""
+        outputs = self.translator.translate(params, self._sources)
+        hypotheses = [nbest[0][0] for nbest in outputs]
+        result = score(hypotheses, self._references)
+        log.info("dev BLEU %.2f chrF %.2f (%s)", result["bleu"], result["chrf"],
+                 result["bleu_signature"])  # fmt: skip
+        shown = self.config.num_samples
+        for src, hyp, ref in zip(
+            self._sources[:shown], hypotheses[:shown], self._references[:shown], strict=True
+        ):
+            log.info("  src: %s\n  hyp: %s\n  ref: %s", src, hyp, ref)
+        return result

@@ -1,0 +1,105 @@
+"""Training state, the paper's optimizer, and creating both sharded over a device mesh."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from model import Transformer, TransformerConfig
+from model.sharding import LOGICAL_RULES
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (the data iterator state is saved beside it).
+
+    Attributes:
+      step: int32 [], optimizer updates done.
+      params: the model parameters (float32 by default).
+      opt_state: Adam's moments, shaped and sharded like ``params``.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> TransformerConfig:
+    """The TransformerConfig named by ``config.model`` (a preset plus overrides)."""
+    preset = config.model.preset
+    if preset not in ("base", "big", "tiny"):
+        raise ValueError(f"config.model.preset must be 'base', 'big' or 'tiny', got {preset!r}")
+    overrides = dict(config.model.overrides)
+    return getattr(TransformerConfig, preset)(vocab_size, **overrides)
+
+
+def learning_rate_schedule(d_model: int, warmup_steps: int, scale: float = 1.0):
+    """Section 5.3: lrate = d_model^-0.5 * min(step^-0.5, step * warmup_steps^-1.5).
+
+    ``step`` counts from 1 at the first update (optax counts from 0).
+    """
+
+    def schedule(count):
+        step = jnp.asarray(count, jnp.float32) + 1.0
+        return scale * d_model**-0.5 * jnp.minimum(step**-0.5, step * warmup_steps**-1.5)
+
+    return schedule
+
+
+def make_optimizer(config: ml_collections.ConfigDict, d_model: int):
+    """Adam(beta1 0.9, beta2 0.98, eps 1e-9) on the paper's schedule, optional clipping.
+
+    Returns:
+      ``(optax.GradientTransformation, schedule)``.
+    """
+    schedule = learning_rate_schedule(d_model, config.warmup_steps, config.lr_scale)
+    adam = optax.adam(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
+    if config.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adam), schedule
+    return adam, schedule
+
+
+def _init_fn(model: Transformer, tx: optax.GradientTransformation, boxed: bool):
+    ids = jnp.ones((1, 8), jnp.int32)
+
+    def init(rng):
+        params = model.init(rng, ids, ids)["params"]
+        params = params if boxed else nn.unbox(params)
+        return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params))
+
+    return init
+
+
+def state_shardings(model: Transformer, tx: optax.GradientTransformation, mesh: Mesh):
+    """Where every leaf of the training state lives, and its abstract shapes.
+
+    Shardings come from the parameters' logical axis names and ``LOGICAL_RULES`` (Adam's
+    moments follow their parameters); nothing is allocated.
+
+    Returns:
+      ``(shardings, abstract)``: TrainState-shaped trees of ``NamedSharding`` and of
+      ``jax.ShapeDtypeStruct`` carrying those shardings (what Orbax restores into).
+    """
+    boxed = jax.eval_shape(_init_fn(model, tx, boxed=True), jax.random.key(0))
+    # get_partition_spec turns each boxed leaf into its logical spec and the rest into P().
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, LOGICAL_RULES)
+    shapes = jax.eval_shape(_init_fn(model, tx, boxed=False), jax.random.key(0))
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+    return shardings, abstract
+
+
+def init_state(model: Transformer, tx: optax.GradientTransformation, shardings, rng: jax.Array):
+    """Initialises parameters and optimizer state directly in their sharded places.
+
+    Nothing is materialised on one device first, so a model larger than one device initialises.
+    """
+    return jax.jit(_init_fn(model, tx, boxed=False), out_shardings=shardings)(rng)

@@ -1,0 +1,142 @@
+"""The jit-compiled train and eval steps, the loss, and the model's FLOP count.
+
+A training batch is a dict of int32 ``[A, R, L]`` arrays (A micro-batches of R packed rows of
+length L): ``inputs``, ``targets`` and their ``*_segmentation`` / ``*_position``. One call of
+the train step is one optimizer update over all A micro-batches; gradients are summed over
+micro-batches and divided by the total number of target tokens, so accumulation gives exactly
+the gradient of the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from model import Transformer, TransformerConfig, shift_right
+from training.state import TrainState
+
+
+def token_losses(
+    logits: jax.Array, targets: jax.Array, label_smoothing: float
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token label-smoothed cross-entropy and plain negative log-likelihood.
+
+    Label smoothing as in section 5.4 (Szegedy et al.): the target distribution puts
+    ``1 - eps`` on the reference token and spreads ``eps`` uniformly over the whole vocabulary
+    (``optax.smooth_labels``), written without materialising the one-hot matrix.
+
+    Args:
+      logits: ``[B, T, V]`` float32.
+      targets: ``[B, T]`` int ids.
+      label_smoothing: eps.
+
+    Returns:
+      ``(smoothed [B, T], nll [B, T])``, float32.
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    uniform = -jnp.mean(logp, axis=-1)
+    return (1.0 - label_smoothing) * nll + label_smoothing * uniform, nll
+
+
+def _sums(model: Transformer, params, batch, bos_id: int, label_smoothing: float, rng):
+    """Summed smoothed loss, summed NLL and target token count of one (packed) batch."""
+    segments = batch.get("targets_segmentation")
+    decoder_input = shift_right(batch["targets"], bos_id, segments)
+    logits = model.apply(
+        {"params": params},
+        batch["inputs"],
+        decoder_input,
+        src_segments=batch.get("inputs_segmentation"),
+        tgt_segments=segments,
+        src_positions=batch.get("inputs_position"),
+        tgt_positions=batch.get("targets_position"),
+        deterministic=rng is None,
+        rngs=None if rng is None else {"dropout": rng},
+    )
+    loss, nll = token_losses(logits, batch["targets"], label_smoothing)
+    weights = (batch["targets"] > 0).astype(jnp.float32)
+    return jnp.sum(loss * weights), (jnp.sum(nll * weights), jnp.sum(weights))
+
+
+def make_train_step(
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+    *,
+    bos_id: int,
+    label_smoothing: float,
+) -> Callable:
+    """Returns ``train_step(state, batch, rng) -> (state, metrics)`` (not yet jitted).
+
+    The dropout key of step s is ``fold_in(rng, s)``: a resumed run draws the same masks as an
+    uninterrupted one without saving any RNG state beyond the seed.
+    """
+    grad_fn = jax.value_and_grad(
+        lambda p, b, r: _sums(model, p, b, bos_id, label_smoothing, r), has_aux=True
+    )
+
+    def train_step(state: TrainState, batch: dict, rng: jax.Array):
+        rng = jax.random.fold_in(rng, state.step)
+        micro_batches = batch["inputs"].shape[0]
+
+        def micro(carry, xs):
+            i, mb = xs
+            (loss, (nll, n)), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+            acc = jax.tree.map(jnp.add, carry, (grads, loss, nll, n))
+            return acc, None
+
+        if micro_batches == 1:
+            (loss, (nll, n)), grads = grad_fn(
+                state.params, jax.tree.map(lambda x: x[0], batch), jax.random.fold_in(rng, 0)
+            )
+        else:
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), 0.0, 0.0, 0.0)
+            xs = (jnp.arange(micro_batches), batch)
+            (grads, loss, nll, n), _ = jax.lax.scan(micro, zeros, xs)
+        denom = jnp.maximum(n, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+        )
+        metrics = {
+            "loss": loss / denom,
+            "nll": nll / denom,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": schedule(state.step),
+            "target_tokens": n,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: Transformer, *, bos_id: int, label_smoothing: float) -> Callable:
+    """Returns ``eval_step(params, batch) -> (loss_sum, nll_sum, tokens)`` for padded batches."""
+
+    def eval_step(params, batch):
+        loss, (nll, n) = _sums(model, params, batch, bos_id, label_smoothing, None)
+        return loss, nll, n
+
+    return eval_step
+
+
+def train_flops_per_step(cfg: TransformerConfig, rows: int, length: int) -> float:
+    """Model FLOPs of one training step on ``rows`` packed rows of ``length`` tokens per side.
+
+    Counts matmuls only (2 FLOPs per multiply-add), forward + backward = 3x forward, with full
+    ``length x length`` attention (what the packed kernels compute), as in MFU accounting.
+    """
+    d, f, v, n = cfg.d_model, cfg.d_ff, cfg.vocab_size, rows * length
+    attention_proj = 4 * d * d
+    ffn = 2 * d * f
+    encoder = cfg.num_encoder_layers * (attention_proj + ffn + 2 * length * d)
+    decoder = cfg.num_decoder_layers * (2 * attention_proj + ffn + 4 * length * d)
+    forward = 2 * n * (encoder + decoder + d * v)
+    return 3.0 * forward
