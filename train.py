@@ -39,12 +39,6 @@ from training.step import make_eval_step, make_train_step, train_flops_per_step
 
 log = logging.getLogger("train")
 
-config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
-flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the training loss becomes NaN or infinite."""
@@ -223,7 +217,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 last_row = row
                 window.reset()
             with window.paused():  # evaluation and checkpoints are not training time
-                if config.eval_every_steps and (step % config.eval_every_steps == 0 or is_last):
+                at_end = is_last and config.eval_at_end
+                if config.eval_every_steps and (step % config.eval_every_steps == 0 or at_end):
                     _check_finite(pending)
                     row = {**evaluator.dev_loss(state.params), "elapsed_s": clock()}
                     writer.write(step, row)
@@ -231,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                         "step %d: dev loss %.3f ppl %.2f", step, row["dev_loss"], row["dev_ppl"]
                     )
                 bleu_due = config.bleu_every_steps and step % config.bleu_every_steps == 0
-                if bleu_due or is_last:
+                if bleu_due or at_end:
                     _check_finite(pending)
                     row = {**evaluator.bleu(state.params), "elapsed_s": clock()}
                     writer.write(step, row)
@@ -338,5 +333,17 @@ def main(argv):
         sys.exit(1)
 
 
+def define_flags() -> None:
+    """Command-line flags; defined on demand so that importing this module defines none."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Training configuration file.", lock_config=True
+    )
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
+    flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

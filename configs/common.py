@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_tokens_per_batch = 8192
     c.beam_size = 4
     c.alpha = 0.6
+    c.eval_at_end = True  # dev loss and BLEU after the last step
     c.num_samples = 3  # sample translations printed at each BLEU evaluation
     c.checkpoint_every_steps = 5000
     c.checkpoint_every_minutes = 10.0

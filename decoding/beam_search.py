@@ -7,7 +7,8 @@ input length + 50, "but terminate early when possible". The score of a finished 
     score(y) = log P(y | x) / lp(n),   lp(n) = ((5 + n) / 6) ** alpha,
 
 with ``log P(y | x) = sum_t log_softmax(logits_t)[y_t]`` over the model's full vocabulary
-(Wu et al., 2016, without the coverage penalty). The search approximates the best-scoring
+(padding is never emitted but keeps its share of the softmax) and lp from Wu et al. (2016),
+without their coverage penalty. The search approximates the best-scoring
 hypotheses among those with ``n <= max_lengths[b]``:
 
 * Each step expands the K live hypotheses by every token, keeps the 2K best extensions by
@@ -29,8 +30,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from decoding.common import NEG_INF, Cache, TokensToLogits, check_cache, length_limits
-from decoding.common import restrict_tokens as _restrict
+from decoding.common import (
+    NEG_INF,
+    Cache,
+    TokensToLogits,
+    check_cache,
+    length_limits,
+    restrict_tokens,
+)
 
 
 def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
@@ -104,7 +111,7 @@ def beam_search(
         logits, new_cache = tokens_to_logits(state["last"].reshape(b * k, 1), state["cache"])
         log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         at_limit = jnp.repeat(i + 1 >= limits, k)  # [B*K]
-        log_probs = _restrict(log_probs, at_limit, eos_id).reshape(b, k, -1)
+        log_probs = restrict_tokens(log_probs, at_limit, eos_id).reshape(b, k, -1)
         vocab = log_probs.shape[-1]
 
         # The 2K best extensions of all live beams: at most K of them end in EOS, so at least

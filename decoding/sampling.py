@@ -24,8 +24,8 @@ from decoding.common import (
     restrict_tokens,
 )
 
-# (logits [B, V] float32 with forbidden entries at -inf, rng) -> ids [B] int32
-Chooser = Callable[[jax.Array, jax.Array], jax.Array]
+# (logits [B, V] float32 with forbidden entries at -inf, PRNG key or None) -> ids [B] int32
+Chooser = Callable[[jax.Array, jax.Array | None], jax.Array]
 
 
 def greedy_search(
@@ -57,7 +57,7 @@ def greedy_search(
         tokens_to_logits,
         cache,
         lambda logits, _: jnp.argmax(logits, axis=-1).astype(jnp.int32),
-        jax.random.key(0),  # unused
+        None,
         batch_size=batch_size,
         bos_id=bos_id,
         eos_id=eos_id,
@@ -151,7 +151,7 @@ def _decode(
     tokens_to_logits: TokensToLogits,
     cache: Cache,
     choose: Chooser,
-    rng: jax.Array,
+    rng: jax.Array | None,
     *,
     batch_size: int,
     bos_id: int,
@@ -159,7 +159,10 @@ def _decode(
     max_len: int,
     max_lengths: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array]:
-    """The loop behind greedy search and sampling: ``choose`` picks each row's next token."""
+    """The loop behind greedy search and sampling: ``choose`` picks each row's next token.
+
+    ``rng`` is split once per step, or None where ``choose`` needs no randomness.
+    """
     check_cache(cache, batch_size)
     limits = length_limits(max_lengths, batch_size, max_len)
     # state: (step i, cache, last ids [B], output [B, T], done [B], rng)
@@ -181,7 +184,9 @@ def _decode(
         logits, cache = tokens_to_logits(last[:, None], cache)
         at_limit = i + 1 >= limits
         logits = restrict_tokens(logits.astype(jnp.float32), at_limit, eos_id, -jnp.inf)
-        rng, key = jax.random.split(rng)
+        key = None
+        if rng is not None:
+            rng, key = jax.random.split(rng)
         token = choose(logits, key)
         # Forced outright, not only through the logits, in case the model gives EOS -inf.
         token = jnp.where(at_limit, eos_id, token)

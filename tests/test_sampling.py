@@ -1,7 +1,7 @@
 """Greedy search and sampling on first-order Markov chains whose distributions we control.
 
-``tokens_to_logits`` returns ``tables[row, last]``: the logits of the next token given the last
-one, a table per sentence. Ids: 0 pad, 1 EOS, 2 BOS, 3.. others.
+``tokens_to_logits`` returns ``cache['tables'][b, last]``: the logits of the next token given
+the last one, from sentence b's own table. Ids: 0 pad, 1 EOS, 2 BOS, 3.. others.
 """
 
 import functools

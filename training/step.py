@@ -108,7 +108,7 @@ def make_train_step(
         metrics = {
             "loss": loss / denom,
             "nll": nll / denom,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
             "target_tokens": n,
         }

@@ -1,0 +1,167 @@
+"""Training throughput of the probe model, against torch.nn.Transformer in the same run.
+
+Probe: d_model 256, 4 heads, d_ff 1024, 3 + 3 layers, vocab 8,000, batches of 32 x 64 source
+and 32 x 64 target tokens. Prints tokens/s (source + target), the median of several timed
+windows, achieved model GFLOP/s and their share of the measured bf16 matmul peak.
+
+    python -m bench.train_speed [--steps 20] [--repeats 5] [--no-torch] [--dtypes float32,bfloat16]
+
+torch is a benchmark-only dependency: ``pip install torch==2.13.0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from model import Transformer, TransformerConfig, make_mesh
+from training.state import init_state, make_optimizer, state_shardings
+from training.step import make_train_step, train_flops_per_step
+
+D, H, F, LAYERS, V, B, L = 256, 4, 1024, 3, 8000, 32, 64
+
+
+def matmul_peak(dtype, n=2048, repeats=5) -> float:
+    """Measured GFLOP/s of an n^3 matmul with float32 accumulation."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    f(a, a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def batch(rng) -> dict:
+    src = rng.integers(4, V, (1, B, L)).astype(np.int32)
+    tgt = rng.integers(4, V, (1, B, L)).astype(np.int32)
+    return {"inputs": src, "targets": tgt}
+
+
+def flax_runner(dtype: str):
+    """Compiles the train step once; returns ``run(steps) -> seconds per step``."""
+    cfg = TransformerConfig(
+        vocab_size=V, d_model=D, num_heads=H, d_ff=F, num_encoder_layers=LAYERS,
+        num_decoder_layers=LAYERS, dropout_rate=0.1, max_len=L, dtype=dtype,
+    )  # fmt: skip
+    model = Transformer(cfg)
+    opt_cfg = ml_collections.ConfigDict(
+        dict(warmup_steps=4000, lr_scale=1.0, adam_b1=0.9, adam_b2=0.98, adam_eps=1e-9,
+             grad_clip_norm=0.0)
+    )  # fmt: skip
+    tx, schedule = make_optimizer(opt_cfg, D)
+    shardings, _ = state_shardings(model, tx, make_mesh(devices=jax.devices()[:1]))
+    state = init_state(model, tx, shardings, jax.random.key(0))
+    step = jax.jit(
+        make_train_step(model, tx, schedule, bos_id=2, label_smoothing=0.1), donate_argnums=0
+    )
+    data = batch(np.random.default_rng(0))
+    rng = jax.random.key(1)
+    holder = {"state": step(state, data, rng)[0]}
+
+    def run(steps):
+        t = time.perf_counter()
+        for _ in range(steps):
+            holder["state"], m = step(holder["state"], data, rng)
+        jax.block_until_ready(m)
+        return (time.perf_counter() - t) / steps
+
+    run(1)
+    return run
+
+
+def torch_runner(autocast: bool):
+    """Builds torch.nn.Transformer with the probe's sizes; returns ``run(steps)``."""
+    import torch
+
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(V, D)
+            self.t = torch.nn.Transformer(D, H, LAYERS, LAYERS, F, 0.1, batch_first=True)
+
+        def forward(self, s, t):
+            mask = torch.nn.Transformer.generate_square_subsequent_mask(L)
+            y = self.t(self.emb(s) * D**0.5, self.emb(t) * D**0.5, tgt_mask=mask)
+            return y @ self.emb.weight.T
+
+    net = Net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+    data = batch(np.random.default_rng(0))
+    s, t = (torch.from_numpy(data[k][0]).long() for k in ("inputs", "targets"))
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = net(s, t)
+        loss = loss_fn(logits.float().reshape(-1, V), t.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def run(steps):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return (time.perf_counter() - start) / steps
+
+    run(1)
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--no-torch", action="store_true")
+    args = parser.parse_args()
+
+    peak = matmul_peak(jnp.bfloat16)
+    peak32 = matmul_peak(jnp.float32)
+    print(f"matmul peak (2048^3, f32 accumulation): bf16 {peak:.0f} GFLOP/s, f32 {peak32:.0f}")
+    cfg = TransformerConfig(
+        vocab_size=V, d_model=D, num_heads=H, d_ff=F, num_encoder_layers=LAYERS,
+        num_decoder_layers=LAYERS, max_len=L,
+    )  # fmt: skip
+    flops = train_flops_per_step(cfg, B, L)
+    tokens = 2 * B * L
+    results = {}
+    # Interleave the contenders window by window so machine noise hits them alike.
+    contenders = {f"flax {d}": flax_runner(d) for d in args.dtypes.split(",")}
+    if not args.no_torch:
+        contenders["torch bf16 autocast"] = torch_runner(True)
+        contenders["torch float32"] = torch_runner(False)
+    for _ in range(args.repeats):
+        for name, run in contenders.items():
+            results.setdefault(name, []).append(run(args.steps))
+    header = ("implementation", "s/step", "tokens/s", "GFLOP/s", "% bf16 peak")
+    print("{:24s} {:>8s} {:>10s} {:>8s} {:>11s}".format(*header))
+    for name, windows in results.items():
+        sec = statistics.median(windows)
+        gflops = flops / sec / 1e9
+        print(
+            f"{name:24s} {sec:8.4f} {tokens / sec:10.0f} {gflops:8.1f} {100 * gflops / peak:10.1f}%"
+        )
+    for torch_name in ("torch bf16 autocast", "torch float32"):
+        if torch_name not in results:
+            continue
+        ref = statistics.median(results[torch_name])
+        for name, windows in results.items():
+            if name.startswith("flax"):
+                ratio = ref / statistics.median(windows)
+                print(f"speed of {name} / {torch_name}: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Translates a file with a trained workdir: one output line per input line, in order.
+
+    python decode.py --workdir=DIR --input=FILE|- --output=FILE|- \
+        [--checkpoint=latest|best|averaged|STEP] [--beam_size=4 --alpha=0.6 --n_best=1] \
+        [--method=beam|greedy|sample --temperature=1 --top_k=0 --top_p=1 --seed=0] \
+        [--batch_tokens=4096] [--reference=FILE] [--scores]
+
+Input is read in chunks of ``--chunk_lines`` lines; each chunk is sorted by length into
+token-budget batches, translated, put back in order and written (and flushed) before the next
+chunk is read. An empty input line gives an empty output line; an over-long one is truncated
+to the model's maximum length (and counted in the log), never dropped.
+
+Output format: one line per input line. With ``--n_best=N > 1`` the line holds the N
+hypotheses, best first, separated by tabs. With ``--scores`` each hypothesis is preceded by its
+score and a tab (``SCORE<TAB>HYP[<TAB>SCORE<TAB>HYP...]``); beam-search scores are
+log-probabilities divided by the GNMT length penalty ((5 + length) / 6) ** alpha.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+from absl import app, flags
+
+from data import DataError, Tokenizer
+from decoding.translate import SearchConfig, Translator
+from model import Transformer, TransformerConfig, make_mesh
+from model.sharding import logical_to_sharding
+from training import checkpoints
+from training.evaluation import score
+
+log = logging.getLogger("decode")
+
+
+def load(workdir: str | Path, which: str | int = "latest", mesh=None):
+    """Model, parameters and tokenizer of a workdir; errors name what is missing.
+
+    Returns:
+      ``(model, params, tokenizer)``, the parameters placed on ``mesh`` (default: all devices,
+      data-parallel).
+    """
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"workdir {workdir} does not exist")
+    config_path, tokenizer_path = workdir / "model_config.json", workdir / "tokenizer.model"
+    for path, what in ((config_path, "model config"), (tokenizer_path, "tokenizer")):
+        if not path.exists():
+            raise FileNotFoundError(f"missing {what}: {path} (was the workdir trained?)")
+    model_cfg = TransformerConfig.from_dict(json.loads(config_path.read_text()))
+    tokenizer = Tokenizer.load(tokenizer_path)
+    if tokenizer.vocab_size != model_cfg.vocab_size:
+        raise ValueError(
+            f"{tokenizer_path} has {tokenizer.vocab_size} tokens but {config_path} says "
+            f"vocab_size={model_cfg.vocab_size}: tokenizer and model do not match"
+        )
+    model = Transformer(model_cfg)
+    mesh = mesh or make_mesh()
+    ids = jax.numpy.ones((1, 8), jax.numpy.int32)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), ids, ids)["params"]
+    shardings = logical_to_sharding(boxed, mesh)
+    params, meta = checkpoints.load_params(workdir, which)
+    params = jax.device_put(params, shardings)
+    log.info("loaded %s checkpoint of step %s from %s", which, meta.get("step"), workdir)
+    return model, params, tokenizer
+
+
+def read_chunks(path: str, chunk_lines: int) -> Iterator[list[str]]:
+    """Lines of ``path`` (or stdin) in chunks; invalid UTF-8 is an error naming file and line."""
+    stream = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
+    name = "<stdin>" if path == "-" else path
+    chunk, number = [], 0
+    try:
+        for number, raw in enumerate(stream, start=1):  # noqa: B007
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{name}:{number}: invalid UTF-8 at byte {err.start} ({raw[:60]!r}); "
+                    "expected UTF-8 text"
+                ) from None
+            if number == 1:
+                line = line.removeprefix("\ufeff")
+            chunk.append(line.rstrip("\r\n"))
+            if len(chunk) == chunk_lines:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+
+
+def format_line(nbest: list[tuple[str, float]], with_scores: bool) -> str:
+    """One output line: hypotheses tab-separated, each optionally preceded by its score."""
+    if with_scores:
+        return "\t".join(f"{s:.4f}\t{h}" for h, s in nbest)
+    return "\t".join(h for h, _ in nbest)
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
+    )
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    f = flags.FLAGS
+    if f.workdir is None:
+        raise app.UsageError("--workdir is required")
+    try:
+        search = SearchConfig(
+            method=f.method, beam_size=f.beam_size, alpha=f.alpha, n_best=f.n_best,
+            temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, seed=f.seed,
+        )  # fmt: skip
+        mesh = make_mesh()
+        model, params, tokenizer = load(f.workdir, f.checkpoint, mesh)
+        translator = Translator(
+            model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens
+        )
+        hypotheses = translate_file(translator, params, f.input, f.output, f.chunk_lines, f.scores)
+        if f.reference:
+            references = [line for chunk in read_chunks(f.reference, 1 << 30) for line in chunk]
+            if len(references) != len(hypotheses):
+                raise DataError(
+                    f"{f.reference} has {len(references)} lines but {f.input} has "
+                    f"{len(hypotheses)}; expected one reference per input line"
+                )
+            result = score(hypotheses, references)
+            print(f"BLEU {result['bleu']:.2f}  {result['bleu_signature']}", file=sys.stderr)
+            print(f"chrF {result['chrf']:.2f}  {result['chrf_signature']}", file=sys.stderr)
+    except (DataError, FileNotFoundError, ValueError) as err:
+        log.error("%s", err)
+        sys.exit(1)
+
+
+def translate_file(translator, params, src: str, dst: str, chunk_lines: int, scores: bool):
+    """Streams ``src`` through the translator into ``dst``; returns the best hypotheses."""
+    out = sys.stdout if dst == "-" else open(dst, "w", encoding="utf-8")  # noqa: SIM115
+    best, count = [], 0
+    try:
+        for chunk in read_chunks(src, chunk_lines):
+            results = translator.translate(params, chunk)
+            for nbest in results:
+                out.write(format_line(nbest, scores) + "\n")
+            out.flush()
+            best.extend(nbest[0][0] for nbest in results)
+            count += len(chunk)
+            log.info("translated %d lines", count)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return best
+
+
+def define_flags() -> None:
+    """Command-line flags; defined on demand so that importing this module defines none."""
+    flags.DEFINE_string("workdir", None, "Training workdir (config, tokenizer, checkpoints).")
+    flags.DEFINE_string("checkpoint", "latest", "latest, best, averaged or a step number.")
+    flags.DEFINE_string("input", "-", "File to translate, one sentence per line; - for stdin.")
+    flags.DEFINE_string("output", "-", "Where to write translations; - for stdout.")
+    flags.DEFINE_string("reference", None, "Reference translations: print BLEU and chrF.")
+    flags.DEFINE_enum("method", "beam", ["beam", "greedy", "sample"], "Search method.")
+    flags.DEFINE_integer("beam_size", 4, "Beam size (the paper: 4).")
+    flags.DEFINE_float("alpha", 0.6, "Length penalty exponent (the paper: 0.6).")
+    flags.DEFINE_integer("n_best", 1, "Hypotheses per input line (tab-separated).")
+    flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+    flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0: all).")
+    flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set with this probability mass.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_integer("batch_tokens", 4096, "Source tokens per batch (rows x padded width).")
+    flags.DEFINE_integer("chunk_lines", 10_000, "Lines read, sorted and written at a time.")
+    flags.DEFINE_bool("scores", False, "Write each hypothesis's score before it.")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,257 @@
+"""train.py: metrics, checkpoints, exact resume after SIGTERM and SIGKILL, fallback from a corrupt
+checkpoint, non-finite losses, several meshes, several processes, checkpoint averaging."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+import train
+from configs.tiny import get_config
+from model import Transformer, TransformerConfig, make_mesh, use_mesh
+from tests.conftest import REPO
+from training import checkpoints
+from training.average import average_checkpoints
+from training.state import init_state, learning_rate_schedule, make_optimizer, state_shardings
+from training.step import make_train_step, token_losses
+
+QUIET = dict(eval_every_steps=0, bleu_every_steps=0, eval_at_end=False, log_every_steps=1)
+
+
+def tiny_config(corpus: Path, **changes) -> ml_collections.ConfigDict:
+    cfg = get_config()
+    cfg.data.train_prefix = str(corpus / "tiny" / "train")
+    cfg.data.dev_prefix = str(corpus / "tiny" / "dev")
+    cfg.update(changes)
+    return cfg
+
+
+def overrides(corpus: Path, **changes) -> list[str]:
+    flags = [
+        f"--config.data.train_prefix={corpus}/tiny/train",
+        f"--config.data.dev_prefix={corpus}/tiny/dev",
+    ]
+    return flags + [f"--config.{k}={v}" for k, v in changes.items()]
+
+
+def start(workdir: Path, flags: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}", *flags]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    """The last logged loss of every step (a resumed run logs some steps twice)."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def wait_for_step(proc: subprocess.Popen, workdir: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"training exited early:\n{proc.stdout.read()}"
+        path = workdir / "metrics.jsonl"
+        if path.exists() and max(losses(workdir) or {0: 0}) >= step:
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def test_run_writes_metrics_config_tensorboard_and_checkpoints(shared_corpus, tmp_path):
+    cfg = tiny_config(
+        shared_corpus, num_train_steps=6, checkpoint_every_steps=3, eval_every_steps=6
+    )
+    last = train.train_and_evaluate(cfg, tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_sec",
+                "model_flops_per_sec", "elapsed_s"):  # fmt: skip
+        assert all(key in r for r in train_rows), key
+    assert train_rows[-1]["step"] == 6
+    evals = [r for r in rows if "bleu" in r]
+    assert evals and {"bleu", "chrf", "bleu_signature"} <= set(evals[-1])
+    assert any("dev_loss" in r and "dev_ppl" in r for r in rows)
+    assert last["loss"] == train_rows[-1]["loss"]
+    assert train_rows[0]["learning_rate"] == pytest.approx(
+        float(learning_rate_schedule(32, cfg.warmup_steps, cfg.lr_scale)(0)), rel=1e-6
+    )
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((tmp_path / "config.json").read_text())["num_train_steps"] == 6
+    model_cfg = json.loads((tmp_path / "model_config.json").read_text())
+    assert TransformerConfig.from_dict(model_cfg).d_model == 32
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [3, 6]
+    assert (tmp_path / "best").exists()
+
+
+def test_resume_after_sigterm_and_sigkill_reproduces_losses_bitwise(shared_corpus, tmp_path):
+    flags = overrides(shared_corpus, num_train_steps=40, checkpoint_every_steps=5, **QUIET)
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    reference = start(straight, flags)
+
+    proc = start(interrupted, flags)
+    wait_for_step(proc, interrupted, 7)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    stopped_at = max(losses(interrupted))
+    assert checkpoints.resolve(interrupted) == ("checkpoints", stopped_at)  # saved on the way out
+
+    proc = start(interrupted, flags)
+    wait_for_step(proc, interrupted, stopped_at + 9)
+    proc.kill()  # SIGKILL: no chance to save anything
+    proc.wait(timeout=60)
+    assert max(losses(interrupted)) < 40, "the run finished before it could be killed"
+
+    proc = start(interrupted, flags)
+    assert proc.wait(timeout=240) == 0, proc.stdout.read()
+    assert reference.wait(timeout=240) == 0, reference.stdout.read()
+    expected, got = losses(straight), losses(interrupted)
+    assert sorted(got) == sorted(expected) == list(range(1, 41))
+    assert got == expected  # bitwise: same floats, not merely close
+
+
+def test_corrupt_checkpoint_is_set_aside_and_previous_one_used(shared_corpus, tmp_path, caplog):
+    cfg = tiny_config(shared_corpus, num_train_steps=4, checkpoint_every_steps=2, **QUIET)
+    train.train_and_evaluate(cfg, tmp_path)
+    # Damage every file of step 4's parameters, as a full disk or a bad copy would.
+    for f in (tmp_path / "checkpoints" / "4" / "params").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\0" * 7)
+    cfg.num_train_steps = 6
+    train.train_and_evaluate(cfg, tmp_path)
+    assert "checkpoint" in caplog.text and "unreadable" in caplog.text
+    assert list((tmp_path / "corrupt_checkpoints").iterdir())[0].name.startswith("4-")
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    resumed = [r["step"] for r in rows if "loss" in r][4:]
+    assert resumed == [3, 4, 5, 6]  # continued from step 2, the last good checkpoint
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(
+    shared_corpus, tmp_path, monkeypatch
+):
+    real = train.make_train_step
+
+    def poisoned(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def wrapped(state, batch, rng):
+            new_state, metrics = step(state, batch, rng)
+            bad = jnp.where(state.step >= 4, jnp.nan, metrics["loss"])
+            return new_state, {**metrics, "loss": bad}
+
+        return wrapped
+
+    monkeypatch.setattr(train, "make_train_step", poisoned)
+    cfg = tiny_config(shared_corpus, num_train_steps=10, checkpoint_every_steps=2, **QUIET)
+    with pytest.raises(train.NonFiniteLossError, match="loss is nan at step 5"):
+        train.train_and_evaluate(cfg, tmp_path)
+    assert checkpoints.resolve(tmp_path) == ("checkpoints", 4)
+
+
+def test_losses_agree_on_every_mesh_shape():
+    cfg = TransformerConfig.tiny(64, num_heads=8)
+    model = Transformer(cfg)
+    opt = ml_collections.ConfigDict(
+        dict(warmup_steps=10, lr_scale=1.0, adam_b1=0.9, adam_b2=0.98, adam_eps=1e-9,
+             grad_clip_norm=1.0)
+    )  # fmt: skip
+    tx, schedule = make_optimizer(opt, cfg.d_model)
+    rng = np.random.default_rng(0)
+    batches = [
+        {k: rng.integers(1, 64, (2, 8, 16)).astype(np.int32) for k in ("inputs", "targets")}
+        for _ in range(3)
+    ]
+    results = {}
+    for shape in (None, (8, 1, 1), (2, 2, 2), (1, 1, 8)):
+        mesh = make_mesh(devices=jax.devices()[:1]) if shape is None else make_mesh(*shape)
+        shardings, _ = state_shardings(model, tx, mesh)
+        state = init_state(model, tx, shardings, jax.random.key(0))
+        batch_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None))
+        step = jax.jit(
+            make_train_step(model, tx, schedule, bos_id=2, label_smoothing=0.1),
+            in_shardings=(shardings, batch_sharding, None),
+            out_shardings=(shardings, None),
+        )
+        out = []
+        with use_mesh(mesh):
+            for b in batches:
+                state, metrics = step(state, jax.device_put(b, batch_sharding), jax.random.key(1))
+                out.append(float(metrics["loss"]))
+        results[shape] = out
+    for shape, out in results.items():
+        np.testing.assert_allclose(out, results[None], rtol=2e-5, err_msg=str(shape))
+    assert results[None][2] != results[None][0]  # the steps really changed the model
+
+
+def test_two_processes_train_together_like_one():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = str(REPO / "tests" / "multihost_worker.py")
+    env = {**os.environ, "XLA_FLAGS": ""}
+    procs = [
+        subprocess.Popen([sys.executable, worker, str(i), "2", str(port)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    single = subprocess.run(
+        [sys.executable, worker, "0", "1", "0"], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert single.returncode == 0, single.stderr[-3000:]
+    expected = json.loads(single.stdout.splitlines()[-1])["losses"]
+    for out, _ in outs:
+        got = json.loads(out.splitlines()[-1])["losses"]
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_checkpoint_averaging_writes_the_mean(shared_corpus, tmp_path):
+    cfg = tiny_config(shared_corpus, num_train_steps=6, checkpoint_every_steps=2, **QUIET)
+    train.train_and_evaluate(cfg, tmp_path)
+    step, steps = average_checkpoints(tmp_path, 2)
+    assert (step, steps) == (6, [4, 6])
+    averaged, meta = checkpoints.load_params(tmp_path, "averaged")
+    a, _ = checkpoints.load_params(tmp_path, 4)
+    b, _ = checkpoints.load_params(tmp_path, 6)
+    expected = jax.tree.map(lambda x, y: (np.asarray(x) + np.asarray(y)) / 2, a, b)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), averaged, expected)
+    assert meta["averaged_steps"] == [4, 6]
+    with pytest.raises(FileNotFoundError, match="no checkpoints to average"):
+        average_checkpoints(tmp_path / "nothing", 2)
+
+
+def test_label_smoothing_equals_optax_formulation():
+    import optax
+
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 3, 11)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (2, 3)))
+    smoothed, nll = token_losses(logits, targets, 0.1)
+    labels = optax.smooth_labels(jax.nn.one_hot(targets, 11), 0.1)
+    np.testing.assert_allclose(smoothed, optax.softmax_cross_entropy(logits, labels), rtol=1e-5)
+    np.testing.assert_allclose(
+        nll, optax.softmax_cross_entropy_with_integer_labels(logits, targets), rtol=1e-5
+    )
+
+
+def test_learning_rate_schedule_is_the_papers():
+    schedule = learning_rate_schedule(512, 4000)
+    for step in (1, 100, 4000, 10_000):
+        expected = 512**-0.5 * min(step**-0.5, step * 4000**-1.5)
+        assert float(schedule(step - 1)) == pytest.approx(expected, rel=1e-5)
