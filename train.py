@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import math
+import resource
 import signal
 import sys
 import time
@@ -49,8 +50,14 @@ class _StopSignal:
 
     def __init__(self):
         self.signum = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {
+            sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+
+    def restore(self) -> None:
+        """Reinstates the previous handlers (train_and_evaluate may be a library call)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.signum is not None:  # a second signal: stop now
@@ -97,9 +104,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     train_pairs = data.open_split(config.data, "train")
     dev_pairs = data.open_split(config.data, "dev")
-    tokenizer = data.load_or_train(
-        workdir / "tokenizer.model", train_pairs, vocab_size=config.vocab_size, seed=config.seed
-    )
+    tokenizer_path = workdir / "tokenizer.model"
+    if jax.process_index() == 0:  # one process trains it; the others load the same file
+        data.load_or_train(
+            tokenizer_path, train_pairs, vocab_size=config.vocab_size, seed=config.seed
+        )
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("tokenizer written")
+    tokenizer = data.Tokenizer.load(tokenizer_path)
     model_cfg = model_config(config, tokenizer.vocab_size)
     if config.max_len > model_cfg.max_len:
         raise ValueError(
@@ -179,78 +191,85 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     last_save = time.monotonic()
     pending = None  # (step, metrics) of the previous step, checked after the next dispatch
     compile_s = None
-    with use_mesh(mesh):
-        while step < config.num_train_steps:
-            local = _next_batch(iterator, accum)
-            tokens = int((local["inputs"] > 0).sum() + (local["targets"] > 0).sum())
-            batch = jax.make_array_from_process_local_data(batch_sharding, local)
-            state, metrics = train_step(state, batch, rng)
-            if compile_s is None:  # the first step compiles; keep it out of throughput figures
-                jax.block_until_ready(metrics)
-                compile_s = window.reset()
-                log.info("first step (with compilation) took %.1f s", compile_s)
-            else:
-                window.add(tokens)
-            _check_finite(pending)
-            step += 1
-            pending = (step, metrics)
-
-            is_last = step == config.num_train_steps
-            if step % config.log_every_steps == 0 or is_last:
+    try:
+        with use_mesh(mesh):
+            while step < config.num_train_steps:
+                local = _next_batch(iterator, accum)
+                tokens = int((local["inputs"] > 0).sum() + (local["targets"] > 0).sum())
+                batch = jax.make_array_from_process_local_data(batch_sharding, local)
+                state, metrics = train_step(state, batch, rng)
+                if compile_s is None:  # the first step compiles; keep it out of throughput figures
+                    jax.block_until_ready(metrics)
+                    compile_s = window.reset()
+                    log.info("first step (with compilation) took %.1f s", compile_s)
+                else:
+                    window.add(tokens)
                 _check_finite(pending)
-                values = jax.device_get(metrics)
-                seconds = max(window.seconds(), 1e-9)
-                row = {
-                    "loss": values["loss"],
-                    "nll": values["nll"],
-                    "learning_rate": values["learning_rate"],
-                    "grad_norm": values["grad_norm"],
-                    "tokens_per_sec": window.tokens * jax.process_count() / seconds,
-                    "model_flops_per_sec": flops * window.steps / seconds,
-                    "steps_per_sec": window.steps / seconds,
-                    "elapsed_s": clock(),
-                }
-                if compile_s:
-                    row["compile_s"], compile_s = compile_s, 0.0
-                writer.write(step, row)
-                writer.progress(step, f"loss {row['loss']:.3f} {row['tokens_per_sec']:.0f} tok/s")
-                last_row = row
-                window.reset()
-            with window.paused():  # evaluation and checkpoints are not training time
-                at_end = is_last and config.eval_at_end
-                if config.eval_every_steps and (step % config.eval_every_steps == 0 or at_end):
+                step += 1
+                pending = (step, metrics)
+
+                is_last = step == config.num_train_steps
+                if step % config.log_every_steps == 0 or is_last:
                     _check_finite(pending)
-                    row = {**evaluator.dev_loss(state.params), "elapsed_s": clock()}
+                    values = jax.device_get(metrics)
+                    seconds = max(window.seconds(), 1e-9)
+                    row = {
+                        "loss": values["loss"],
+                        "nll": values["nll"],
+                        "learning_rate": values["learning_rate"],
+                        "grad_norm": values["grad_norm"],
+                        "tokens_per_sec": window.tokens * jax.process_count() / seconds,
+                        "model_flops_per_sec": flops * window.steps / seconds,
+                        "steps_per_sec": window.steps / seconds,
+                        "elapsed_s": clock(),
+                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                    }
+                    if compile_s:
+                        row["compile_s"], compile_s = compile_s, 0.0
                     writer.write(step, row)
-                    log.info(
-                        "step %d: dev loss %.3f ppl %.2f", step, row["dev_loss"], row["dev_ppl"]
+                    writer.progress(
+                        step, f"loss {row['loss']:.3f} {row['tokens_per_sec']:.0f} tok/s"
                     )
-                bleu_due = config.bleu_every_steps and step % config.bleu_every_steps == 0
-                if bleu_due or at_end:
-                    _check_finite(pending)
-                    row = {**evaluator.bleu(state.params), "elapsed_s": clock()}
-                    writer.write(step, row)
-                    if row["bleu"] > best_bleu:
-                        best_bleu = row["bleu"]
-                        checkpoints.save_params(best_mngr, step, state.params, {"bleu": best_bleu})
-                check_signal = jax.process_count() == 1 or step % config.log_every_steps == 0
-                stopping = check_signal and stop.agreed()
-                minutes = (time.monotonic() - last_save) / 60
-                if (
-                    step % config.checkpoint_every_steps == 0
-                    or minutes >= config.checkpoint_every_minutes
-                    or is_last
-                    or stopping
-                ):
-                    _check_finite(pending)
-                    checkpoint(step)
-                    last_save = time.monotonic()
-            if stopping:
-                mngr.wait_until_finished()
-                writer.close()
-                sys.exit(128 + stop.signum if stop.signum else 128 + signal.SIGTERM)
-    mngr.wait_until_finished()
-    writer.close()
+                    last_row = row
+                    window.reset()
+                with window.paused():  # evaluation and checkpoints are not training time
+                    at_end = is_last and config.eval_at_end
+                    if config.eval_every_steps and (step % config.eval_every_steps == 0 or at_end):
+                        _check_finite(pending)
+                        row = {**evaluator.dev_loss(state.params), "elapsed_s": clock()}
+                        writer.write(step, row)
+                        log.info(
+                            "step %d: dev loss %.3f ppl %.2f", step, row["dev_loss"], row["dev_ppl"]
+                        )
+                    bleu_due = config.bleu_every_steps and step % config.bleu_every_steps == 0
+                    if bleu_due or at_end:
+                        _check_finite(pending)
+                        row = {**evaluator.bleu(state.params), "elapsed_s": clock()}
+                        writer.write(step, row)
+                        if row["bleu"] > best_bleu:
+                            best_bleu = row["bleu"]
+                            checkpoints.save_params(
+                                best_mngr, step, state.params, {"bleu": best_bleu}
+                            )
+                    check_signal = jax.process_count() == 1 or step % config.log_every_steps == 0
+                    stopping = check_signal and stop.agreed()
+                    minutes = (time.monotonic() - last_save) / 60
+                    if (
+                        step % config.checkpoint_every_steps == 0
+                        or minutes >= config.checkpoint_every_minutes
+                        or is_last
+                        or stopping
+                    ):
+                        _check_finite(pending)
+                        checkpoint(step)
+                        last_save = time.monotonic()
+                if stopping:
+                    sys.exit(128 + stop.signum if stop.signum else 128 + signal.SIGTERM)
+    finally:
+        # Whatever stops the loop (an error, a signal), the last good checkpoint must be durable.
+        mngr.wait_until_finished()
+        writer.close()
+        stop.restore()
     log.info("done: %d steps in %.1f min (wall %.1f min)", step, clock() / 60, _minutes(wall))
     return last_row
 

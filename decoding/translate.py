@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data import Tokenizer, padded_batches, restore_order
@@ -143,7 +144,7 @@ class Translator:
                 ids, scores = self._run(
                     params, self._place(batch["inputs"]), jax.random.fold_in(rng, i), max_len
                 )
-                ids, scores = np.asarray(jax.device_get(ids)), np.asarray(jax.device_get(scores))
+                ids, scores = _to_host(ids), _to_host(scores)
                 outputs.append(self._detokenize(batch["inputs"], ids, scores))
                 indices.append(batch["index"])
         return restore_order(indices, outputs, len(sources))
@@ -157,3 +158,10 @@ class Translator:
             texts = self.tokenizer.decode_batch(ids[r].tolist())
             rows.append(list(zip(texts, scores[r].astype(float).tolist(), strict=True)))
         return rows
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole array on this host, gathering rows that live on other processes' devices."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
