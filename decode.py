@@ -3,7 +3,7 @@
     python decode.py --workdir=DIR --input=FILE|- --output=FILE|- \
         [--checkpoint=latest|best|averaged|STEP] [--beam_size=4 --alpha=0.6 --n_best=1] \
         [--method=beam|greedy|sample --temperature=1 --top_k=0 --top_p=1 --seed=0] \
-        [--batch_tokens=4096] [--reference=FILE] [--scores]
+        [--batch_tokens=4096] [--reference=FILE] [--scores] [--attention_plot=FILE.png]
 
 Input is read in chunks of ``--chunk_lines`` lines; each chunk is sorted by length into
 token-budget batches, translated, put back in order and written (and flushed) before the next
@@ -112,6 +112,8 @@ def main(argv):
     f = flags.FLAGS
     if f.workdir is None:
         raise app.UsageError("--workdir is required")
+    if f.attention_plot and f.input == "-":
+        raise app.UsageError("--attention_plot needs --input=FILE (it re-reads the first line)")
     try:
         search = SearchConfig(
             method=f.method, beam_size=f.beam_size, alpha=f.alpha, n_best=f.n_best,
@@ -123,6 +125,13 @@ def main(argv):
             model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens
         )
         hypotheses = translate_file(translator, params, f.input, f.output, f.chunk_lines, f.scores)
+        if f.attention_plot and hypotheses:
+            import plots  # matplotlib is only needed for this flag
+
+            first = next(read_chunks(f.input, 1))[0]
+            figures = plots.attention_for_sentence(model, params, tokenizer, first, hypotheses[0])
+            for path in plots.save_attention(figures, f.attention_plot):
+                log.info("wrote %s", path)
         if f.reference:
             references = [line for chunk in read_chunks(f.reference, 1 << 30) for line in chunk]
             if len(references) != len(hypotheses):
@@ -175,6 +184,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_tokens", 4096, "Source tokens per batch (rows x padded width).")
     flags.DEFINE_integer("chunk_lines", 10_000, "Lines read, sorted and written at a time.")
     flags.DEFINE_bool("scores", False, "Write each hypothesis's score before it.")
+    flags.DEFINE_string(
+        "attention_plot", None, "FILE.png: plot the first line's last-layer attention heads "
+        "(encoder-decoder to FILE.png, self-attention to FILE-encoder.png, FILE-decoder.png).",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -69,6 +69,10 @@ class Tokenizer:
         """Like `encode` for many texts, using SentencePiece's C++ thread pool."""
         return self._sp.encode(list(texts), num_threads=num_threads)
 
+    def id_to_piece(self, token_id: int) -> str:
+        """The SentencePiece piece of one id (for labelling plots)."""
+        return self._sp.id_to_piece(int(token_id))
+
     def decode(self, ids: Iterable[int]) -> str:
         """Returns the text of `ids` up to the first EOS; padding and BOS are skipped.
 
