@@ -256,6 +256,32 @@ def test_checkpoint_averaging_writes_the_mean(shared_corpus, tmp_path):
         average_checkpoints(tmp_path / "nothing", 2)
 
 
+def test_gradient_accumulation_equals_the_whole_batch():
+    model = Transformer(TransformerConfig.tiny(64, dropout_rate=0.0))
+    opt = ml_collections.ConfigDict(
+        dict(warmup_steps=10, lr_scale=1.0, adam_b1=0.9, adam_b2=0.98, adam_eps=1e-9,
+             grad_clip_norm=0.0)
+    )  # fmt: skip
+    tx, schedule = make_optimizer(opt, 32)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    shardings, _ = state_shardings(model, tx, mesh)
+    step = jax.jit(make_train_step(model, tx, schedule, bos_id=2, label_smoothing=0.1))
+    rng = np.random.default_rng(0)
+    whole = {k: rng.integers(1, 64, (1, 8, 12)).astype(np.int32) for k in ("inputs", "targets")}
+    whole["targets"][0, :3, 6:] = 0  # unequal token counts per micro-batch
+    split = {k: v.reshape(2, 4, 12) for k, v in whole.items()}
+    results = []
+    for batch in (whole, split):
+        state = init_state(model, tx, shardings, jax.random.key(0))
+        state, metrics = step(state, batch, jax.random.key(1))
+        results.append((state.params, metrics))
+    (p1, m1), (p2, m2) = results
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+    assert m1["target_tokens"] == m2["target_tokens"] == 8 * 12 - 3 * 6
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), p1, p2)
+
+
 def test_label_smoothing_equals_optax_formulation():
     import optax
 
