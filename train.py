@@ -28,7 +28,6 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 import data
@@ -36,7 +35,7 @@ from model import Transformer, make_mesh, use_mesh
 from training import checkpoints, evaluation
 from training.metrics import MetricsWriter, Stopwatch
 from training.state import init_state, make_optimizer, model_config, state_shardings
-from training.step import make_eval_step, make_train_step, train_flops_per_step
+from training.step import batch_sharding, jit_train_step, make_eval_step, train_flops_per_step
 
 log = logging.getLogger("train")
 
@@ -156,16 +155,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     best_bleu = meta.get("best_bleu", -1.0)
     clock = Stopwatch(meta.get("elapsed_s", 0.0))
 
-    batch_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None))
-    step_fn = make_train_step(
-        model, tx, schedule, bos_id=tokenizer.bos_id, label_smoothing=config.label_smoothing
-    )
-    train_step = jax.jit(
-        step_fn,
-        in_shardings=(shardings, batch_sharding, None),
-        out_shardings=(shardings, None),
-        donate_argnums=(0,),
-    )
+    train_step = jit_train_step(
+        model, tx, schedule, mesh, shardings,
+        bos_id=tokenizer.bos_id, label_smoothing=config.label_smoothing,
+    )  # fmt: skip
     eval_step = jax.jit(
         make_eval_step(model, bos_id=tokenizer.bos_id, label_smoothing=config.label_smoothing)
     )
@@ -196,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             while step < config.num_train_steps:
                 local = _next_batch(iterator, accum)
                 tokens = int((local["inputs"] > 0).sum() + (local["targets"] > 0).sum())
-                batch = jax.make_array_from_process_local_data(batch_sharding, local)
+                batch = jax.make_array_from_process_local_data(batch_sharding(mesh), local)
                 state, metrics = train_step(state, batch, rng)
                 if compile_s is None:  # the first step compiles; keep it out of throughput figures
                     jax.block_until_ready(metrics)

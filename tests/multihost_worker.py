@@ -19,11 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from model import Transformer, TransformerConfig, make_mesh, use_mesh  # noqa: E402
 from training.state import init_state, make_optimizer, state_shardings  # noqa: E402
-from training.step import make_train_step  # noqa: E402
+from training.step import batch_sharding, jit_train_step  # noqa: E402
 
 if num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -38,12 +37,7 @@ tx, schedule = make_optimizer(opt, 32)
 mesh = make_mesh()
 shardings, _ = state_shardings(model, tx, mesh)
 state = init_state(model, tx, shardings, jax.random.key(0))
-batch_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None))
-step = jax.jit(
-    make_train_step(model, tx, schedule, bos_id=2, label_smoothing=0.1),
-    in_shardings=(shardings, batch_sharding, None),
-    out_shardings=(shardings, None),
-)
+step = jit_train_step(model, tx, schedule, mesh, shardings, bos_id=2, label_smoothing=0.1)
 rng = np.random.default_rng(0)
 losses = []
 with use_mesh(mesh):
@@ -51,7 +45,7 @@ with use_mesh(mesh):
         full = {k: rng.integers(3, 64, (1, 4, 12)).astype(np.int32) for k in ("inputs", "targets")}
         rows = 4 // num_processes
         local = {k: v[:, process_id * rows : (process_id + 1) * rows] for k, v in full.items()}
-        batch = jax.make_array_from_process_local_data(batch_sharding, local)
+        batch = jax.make_array_from_process_local_data(batch_sharding(mesh), local)
         state, metrics = step(state, batch, jax.random.key(1))
         losses.append(float(metrics["loss"]))
 print(json.dumps({"process": process_id, "losses": losses}))

@@ -15,16 +15,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
 
 import train
+import training.step
 from configs.tiny import get_config
 from model import Transformer, TransformerConfig, make_mesh, use_mesh
 from tests.conftest import REPO
 from training import checkpoints
 from training.average import average_checkpoints
 from training.state import init_state, learning_rate_schedule, make_optimizer, state_shardings
-from training.step import make_train_step, token_losses
+from training.step import batch_sharding, jit_train_step, make_train_step, token_losses
+
+
+def optimizer_config(**changes) -> ml_collections.ConfigDict:
+    """The paper's Adam settings with a short warmup, for steps on synthetic batches."""
+    values = dict(warmup_steps=10, lr_scale=1.0, adam_b1=0.9, adam_b2=0.98, adam_eps=1e-9)
+    return ml_collections.ConfigDict({**values, "grad_clip_norm": 0.0, **changes})
+
 
 QUIET = dict(eval_every_steps=0, bleu_every_steps=0, eval_at_end=False, log_every_steps=1)
 
@@ -142,7 +149,7 @@ def test_corrupt_checkpoint_is_set_aside_and_previous_one_used(shared_corpus, tm
 def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(
     shared_corpus, tmp_path, monkeypatch
 ):
-    real = train.make_train_step
+    real = training.step.make_train_step
 
     def poisoned(*args, **kwargs):
         step = real(*args, **kwargs)
@@ -154,7 +161,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(
 
         return wrapped
 
-    monkeypatch.setattr(train, "make_train_step", poisoned)
+    monkeypatch.setattr(training.step, "make_train_step", poisoned)
     cfg = tiny_config(shared_corpus, num_train_steps=10, checkpoint_every_steps=2, **QUIET)
     with pytest.raises(train.NonFiniteLossError, match="loss is nan at step 5"):
         train.train_and_evaluate(cfg, tmp_path)
@@ -164,11 +171,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(
 def test_losses_agree_on_every_mesh_shape():
     cfg = TransformerConfig.tiny(64, num_heads=8)
     model = Transformer(cfg)
-    opt = ml_collections.ConfigDict(
-        dict(warmup_steps=10, lr_scale=1.0, adam_b1=0.9, adam_b2=0.98, adam_eps=1e-9,
-             grad_clip_norm=1.0)
-    )  # fmt: skip
-    tx, schedule = make_optimizer(opt, cfg.d_model)
+    tx, schedule = make_optimizer(optimizer_config(grad_clip_norm=1.0), cfg.d_model)
     rng = np.random.default_rng(0)
     batches = [
         {k: rng.integers(1, 64, (2, 8, 16)).astype(np.int32) for k in ("inputs", "targets")}
@@ -179,16 +182,13 @@ def test_losses_agree_on_every_mesh_shape():
         mesh = make_mesh(devices=jax.devices()[:1]) if shape is None else make_mesh(*shape)
         shardings, _ = state_shardings(model, tx, mesh)
         state = init_state(model, tx, shardings, jax.random.key(0))
-        batch_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None))
-        step = jax.jit(
-            make_train_step(model, tx, schedule, bos_id=2, label_smoothing=0.1),
-            in_shardings=(shardings, batch_sharding, None),
-            out_shardings=(shardings, None),
-        )
+        step = jit_train_step(model, tx, schedule, mesh, shardings, bos_id=2, label_smoothing=0.1)
         out = []
         with use_mesh(mesh):
             for b in batches:
-                state, metrics = step(state, jax.device_put(b, batch_sharding), jax.random.key(1))
+                state, metrics = step(
+                    state, jax.device_put(b, batch_sharding(mesh)), jax.random.key(1)
+                )
                 out.append(float(metrics["loss"]))
         results[shape] = out
     for shape, out in results.items():
@@ -258,11 +258,7 @@ def test_checkpoint_averaging_writes_the_mean(shared_corpus, tmp_path):
 
 def test_gradient_accumulation_equals_the_whole_batch():
     model = Transformer(TransformerConfig.tiny(64, dropout_rate=0.0))
-    opt = ml_collections.ConfigDict(
-        dict(warmup_steps=10, lr_scale=1.0, adam_b1=0.9, adam_b2=0.98, adam_eps=1e-9,
-             grad_clip_norm=0.0)
-    )  # fmt: skip
-    tx, schedule = make_optimizer(opt, 32)
+    tx, schedule = make_optimizer(optimizer_config(), 32)
     mesh = make_mesh(devices=jax.devices()[:1])
     shardings, _ = state_shardings(model, tx, mesh)
     step = jax.jit(make_train_step(model, tx, schedule, bos_id=2, label_smoothing=0.1))

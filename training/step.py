@@ -14,6 +14,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model import Transformer, TransformerConfig, shift_right
 from training.state import TrainState
@@ -115,6 +116,34 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Where a ``[A, R, L]`` training batch lives: its R rows split over ``data`` x ``fsdp``."""
+    return NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None))
+
+
+def jit_train_step(
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+    mesh: Mesh,
+    state_shardings,
+    *,
+    bos_id: int,
+    label_smoothing: float,
+) -> Callable:
+    """``make_train_step`` compiled for ``mesh``: state kept in place (donated), batch split.
+
+    Call it inside ``model.use_mesh(mesh)`` so the model's activation constraints apply.
+    """
+    step = make_train_step(model, tx, schedule, bos_id=bos_id, label_smoothing=label_smoothing)
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding(mesh), None),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )
 
 
 def make_eval_step(model: Transformer, *, bos_id: int, label_smoothing: float) -> Callable:
