@@ -15,13 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from data import Tokenizer, padded_batches, restore_order
 from decoding.beam_search import beam_search
 from decoding.model_fns import cached_decoder
 from decoding.sampling import greedy_search, sample
 from model import Transformer, use_mesh
+from model.sharding import place_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,12 +110,6 @@ class Translator:
             )  # fmt: skip
         return ids[:, None, :], jnp.zeros((ids.shape[0], 1), jnp.float32)
 
-    def _place(self, array: np.ndarray) -> jax.Array:
-        if self.mesh is None:
-            return jnp.asarray(array)
-        sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp"), None))
-        return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
-
     def batches(self, sources: Sequence[str]) -> list[dict[str, np.ndarray]]:
         """The padded, length-bucketed batches ``translate`` runs on (exposed for tests)."""
         cfg = self.model.config
@@ -142,7 +137,10 @@ class Translator:
                 width = batch["inputs"].shape[1]
                 max_len = min(cfg.max_len, width + self.search.extra_len)
                 ids, scores = self._run(
-                    params, self._place(batch["inputs"]), jax.random.fold_in(rng, i), max_len
+                    params,
+                    place_batch(batch["inputs"], self.mesh),
+                    jax.random.fold_in(rng, i),
+                    max_len,
                 )
                 ids, scores = _to_host(ids), _to_host(scores)
                 outputs.append(self._detokenize(batch["inputs"], ids, scores))

@@ -99,3 +99,15 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of a ``[batch, ...]`` input: rows split over ``data`` x ``fsdp``."""
     axes = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), LOGICAL_RULES)
     return NamedSharding(mesh, PartitionSpec(*axes))
+
+
+def place_batch(array: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """Puts a host ``[batch, ...]`` array on the mesh, rows split over ``data`` x ``fsdp``.
+
+    Every process passes the whole array (e.g. an evaluation batch all hosts built alike) and
+    contributes the rows its devices own. Without a mesh the array goes to the default device.
+    """
+    if mesh is None:
+        return jax.numpy.asarray(array)
+    sharding = batch_sharding(mesh, array.ndim)
+    return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])

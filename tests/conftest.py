@@ -22,3 +22,22 @@ def shared_corpus() -> Path:
     if not (SHARED_CORPUS / "train.en").exists():
         pytest.skip(f"prebuilt corpus not found at {SHARED_CORPUS}")
     return SHARED_CORPUS
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(shared_corpus, tmp_path_factory) -> Path:
+    """A workdir trained for 30 steps with configs/tiny.py (decode and plot tests read it)."""
+    import train
+    from tests.test_train import QUIET, tiny_config
+
+    path = tmp_path_factory.mktemp("tiny_workdir")
+    train.train_and_evaluate(tiny_config(shared_corpus, num_train_steps=30, **QUIET), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_workdir):
+    """``decode.load(tiny_workdir)``: (model, params, tokenizer)."""
+    import decode
+
+    return decode.load(tiny_workdir)

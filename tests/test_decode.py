@@ -7,23 +7,19 @@ import sys
 import pytest
 
 import decode
-import train
 from data import DataError, train_tokenizer
 from decoding.translate import SearchConfig, Translator
 from tests.conftest import REPO
-from tests.test_train import QUIET, tiny_config
 
 
-@pytest.fixture(scope="module")
-def workdir(shared_corpus, tmp_path_factory):
-    path = tmp_path_factory.mktemp("decode_workdir")
-    train.train_and_evaluate(tiny_config(shared_corpus, num_train_steps=30, **QUIET), path)
-    return path
+@pytest.fixture
+def workdir(tiny_workdir):
+    return tiny_workdir
 
 
-@pytest.fixture(scope="module")
-def loaded(workdir):
-    return decode.load(workdir)
+@pytest.fixture
+def loaded(tiny_loaded):
+    return tiny_loaded
 
 
 def test_every_input_line_gets_one_output_line_in_order(loaded, tmp_path):

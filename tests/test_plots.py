@@ -7,11 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-import decode
 import plots
-import train
 from tests.conftest import REPO
-from tests.test_train import QUIET, tiny_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -24,16 +21,14 @@ def tick_labels(axis) -> list[str]:
     return [label.get_text() for label in axis.get_ticklabels()]
 
 
-@pytest.fixture(scope="module")
-def workdir(shared_corpus, tmp_path_factory):
-    path = tmp_path_factory.mktemp("plots_workdir")
-    train.train_and_evaluate(tiny_config(shared_corpus, num_train_steps=10, **QUIET), path)
-    return path
+@pytest.fixture
+def workdir(tiny_workdir):
+    return tiny_workdir
 
 
-@pytest.fixture(scope="module")
-def loaded(workdir):
-    return decode.load(workdir)
+@pytest.fixture
+def loaded(tiny_loaded):
+    return tiny_loaded
 
 
 def test_positional_encoding_heatmap(tmp_path):

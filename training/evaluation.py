@@ -8,13 +8,13 @@ from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
-import numpy as np
 import sacrebleu
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 import data
 from decoding.translate import SearchConfig, Translator
 from model import Transformer
+from model.sharding import place_batch
 
 log = logging.getLogger("train")
 
@@ -69,15 +69,11 @@ class Evaluator:
             model, tokenizer, search, mesh=mesh, tokens_per_batch=config.eval_tokens_per_batch
         )
 
-    def _place(self, array: np.ndarray) -> jax.Array:
-        sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp"), None))
-        return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
-
     def dev_loss(self, params) -> dict:
         """Label-smoothed loss and perplexity (exp of the plain NLL) per dev target token."""
         loss = nll = tokens = 0.0
         for batch in self._loss_batches:
-            placed = {k: self._place(batch[k]) for k in ("inputs", "targets")}
+            placed = {k: place_batch(batch[k], self.mesh) for k in ("inputs", "targets")}
             sums = jax.device_get(self.eval_step(params, placed))
             loss, nll, tokens = loss + sums[0], nll + sums[1], tokens + sums[2]
         tokens = max(tokens, 1.0)
