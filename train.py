@@ -14,6 +14,7 @@ Several hosts: start the same command on each with --coordinator_address=HOST:PO
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -21,7 +22,9 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
@@ -95,12 +98,45 @@ def _next_batch(iterator, micro_batches: int) -> dict[str, np.ndarray]:
     return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
 
 
+@dataclasses.dataclass
+class _Run:
+    """Everything the training loop works with, built by ``_setup``."""
+
+    config: ml_collections.ConfigDict
+    mesh: Any
+    iterator: Any
+    state: Any
+    train_step: Callable
+    evaluator: evaluation.Evaluator
+    mngr: Any  # the last K checkpoints
+    best_mngr: Any  # the best parameters by dev BLEU
+    writer: MetricsWriter
+    clock: Stopwatch
+    flops: float  # model FLOPs of one step
+    best_bleu: float
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Runs (or resumes) training; returns the last metrics row written."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     wall = time.monotonic()
+    run = _setup(config, Path(workdir))
+    stop = _StopSignal()
+    try:
+        with use_mesh(run.mesh):
+            last_row = _loop(run, stop)
+    finally:
+        # Whatever stops the loop (an error, a signal), the last good checkpoint must be durable.
+        run.mngr.wait_until_finished()
+        run.writer.close()
+        stop.restore()
+    step = int(run.state.step)
+    log.info("done: %d steps in %.1f min (wall %.1f min)", step, run.clock() / 60, _minutes(wall))
+    return last_row
 
+
+def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
+    """Data, tokenizer, model, mesh, optimizer, compiled steps; resumes from ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
     train_pairs = data.open_split(config.data, "train")
     dev_pairs = data.open_split(config.data, "dev")
     tokenizer_path = workdir / "tokenizer.model"
@@ -142,18 +178,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     tx, schedule = make_optimizer(config, model_cfg.d_model)
     shardings, abstract = state_shardings(model, tx, mesh)
     mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
-    best_mngr = checkpoints.manager(workdir, "best", keep=1)
-    rng = jax.random.key(config.seed)
     restored = checkpoints.restore_latest(mngr, abstract)
     if restored is None:
-        state, meta = init_state(model, tx, shardings, rng), {}
+        state, meta = init_state(model, tx, shardings, jax.random.key(config.seed)), {}
         log.info("initialised a new %s-parameter model", f"{_count(state.params):,}")
     else:
         state, data_state, meta = restored
         iterator.set_state(data_state)
         log.info("resumed from step %d", int(state.step))
-    best_bleu = meta.get("best_bleu", -1.0)
-    clock = Stopwatch(meta.get("elapsed_s", 0.0))
 
     train_step = jit_train_step(
         model, tx, schedule, mesh, shardings,
@@ -165,106 +197,128 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     evaluator = evaluation.Evaluator(
         model, tokenizer, dev_pairs, config, mesh=mesh, eval_step=eval_step
     )
-    flops = train_flops_per_step(model_cfg, rows * accum, config.max_len)
-    writer = MetricsWriter(workdir, config.num_train_steps, int(state.step))
-    stop = _StopSignal()
+    return _Run(
+        config=config,
+        mesh=mesh,
+        iterator=iterator,
+        state=state,
+        train_step=train_step,
+        evaluator=evaluator,
+        mngr=mngr,
+        best_mngr=checkpoints.manager(workdir, "best", keep=1),
+        writer=MetricsWriter(workdir, config.num_train_steps, int(state.step)),
+        clock=Stopwatch(meta.get("elapsed_s", 0.0)),
+        flops=train_flops_per_step(model_cfg, rows * accum, config.max_len),
+        best_bleu=meta.get("best_bleu", -1.0),
+    )
 
-    def checkpoint(step):
-        checkpoints.save(
-            mngr,
-            state,
-            iterator.get_state(),
-            {"elapsed_s": clock(), "best_bleu": best_bleu, "seed": config.seed},
-        )
-        log.info("checkpoint saved at step %d", step)
 
-    step = int(state.step)
+def _loop(run: _Run, stop: _StopSignal) -> dict:
+    """Trains from ``run.state.step`` to ``num_train_steps``; returns the last metrics row."""
+    config = run.config
+    rng = jax.random.key(config.seed)
+    step = int(run.state.step)
     last_row: dict = {}
     window = _Window()
     last_save = time.monotonic()
     pending = None  # (step, metrics) of the previous step, checked after the next dispatch
     compile_s = None
-    try:
-        with use_mesh(mesh):
-            while step < config.num_train_steps:
-                local = _next_batch(iterator, accum)
-                tokens = int((local["inputs"] > 0).sum() + (local["targets"] > 0).sum())
-                batch = jax.make_array_from_process_local_data(batch_sharding(mesh), local)
-                state, metrics = train_step(state, batch, rng)
-                if compile_s is None:  # the first step compiles; keep it out of throughput figures
-                    jax.block_until_ready(metrics)
-                    compile_s = window.reset()
-                    log.info("first step (with compilation) took %.1f s", compile_s)
-                else:
-                    window.add(tokens)
-                _check_finite(pending)
-                step += 1
-                pending = (step, metrics)
+    while step < config.num_train_steps:
+        local = _next_batch(run.iterator, config.grad_accum_steps)
+        tokens = int((local["inputs"] > 0).sum() + (local["targets"] > 0).sum())
+        batch = jax.make_array_from_process_local_data(batch_sharding(run.mesh), local)
+        run.state, metrics = run.train_step(run.state, batch, rng)
+        if compile_s is None:  # the first step compiles; keep it out of throughput figures
+            jax.block_until_ready(metrics)
+            compile_s = window.reset()
+            log.info("first step (with compilation) took %.1f s", compile_s)
+        else:
+            window.add(tokens)
+        _check_finite(pending)
+        step += 1
+        pending = (step, metrics)
 
-                is_last = step == config.num_train_steps
-                if step % config.log_every_steps == 0 or is_last:
-                    _check_finite(pending)
-                    values = jax.device_get(metrics)
-                    seconds = max(window.seconds(), 1e-9)
-                    row = {
-                        "loss": values["loss"],
-                        "nll": values["nll"],
-                        "learning_rate": values["learning_rate"],
-                        "grad_norm": values["grad_norm"],
-                        "tokens_per_sec": window.tokens * jax.process_count() / seconds,
-                        "model_flops_per_sec": flops * window.steps / seconds,
-                        "steps_per_sec": window.steps / seconds,
-                        "elapsed_s": clock(),
-                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                    }
-                    if compile_s:
-                        row["compile_s"], compile_s = compile_s, 0.0
-                    writer.write(step, row)
-                    writer.progress(
-                        step, f"loss {row['loss']:.3f} {row['tokens_per_sec']:.0f} tok/s"
-                    )
-                    last_row = row
-                    window.reset()
-                with window.paused():  # evaluation and checkpoints are not training time
-                    at_end = is_last and config.eval_at_end
-                    if config.eval_every_steps and (step % config.eval_every_steps == 0 or at_end):
-                        _check_finite(pending)
-                        row = {**evaluator.dev_loss(state.params), "elapsed_s": clock()}
-                        writer.write(step, row)
-                        log.info(
-                            "step %d: dev loss %.3f ppl %.2f", step, row["dev_loss"], row["dev_ppl"]
-                        )
-                    bleu_due = config.bleu_every_steps and step % config.bleu_every_steps == 0
-                    if bleu_due or at_end:
-                        _check_finite(pending)
-                        row = {**evaluator.bleu(state.params), "elapsed_s": clock()}
-                        writer.write(step, row)
-                        if row["bleu"] > best_bleu:
-                            best_bleu = row["bleu"]
-                            checkpoints.save_params(
-                                best_mngr, step, state.params, {"bleu": best_bleu}
-                            )
-                    check_signal = jax.process_count() == 1 or step % config.log_every_steps == 0
-                    stopping = check_signal and stop.agreed()
-                    minutes = (time.monotonic() - last_save) / 60
-                    if (
-                        step % config.checkpoint_every_steps == 0
-                        or minutes >= config.checkpoint_every_minutes
-                        or is_last
-                        or stopping
-                    ):
-                        _check_finite(pending)
-                        checkpoint(step)
-                        last_save = time.monotonic()
-                if stopping:
-                    sys.exit(128 + stop.signum if stop.signum else 128 + signal.SIGTERM)
-    finally:
-        # Whatever stops the loop (an error, a signal), the last good checkpoint must be durable.
-        mngr.wait_until_finished()
-        writer.close()
-        stop.restore()
-    log.info("done: %d steps in %.1f min (wall %.1f min)", step, clock() / 60, _minutes(wall))
+        is_last = step == config.num_train_steps
+        if step % config.log_every_steps == 0 or is_last:
+            _check_finite(pending)
+            last_row = _log_step(run, step, metrics, window, compile_s)
+            compile_s = 0.0
+        with window.paused():  # evaluation and checkpoints are not training time
+            at_end = is_last and config.eval_at_end
+            if _evaluation_due(config, step, at_end):
+                _check_finite(pending)
+                _evaluate(run, step, at_end)
+            check_signal = jax.process_count() == 1 or step % config.log_every_steps == 0
+            stopping = check_signal and stop.agreed()
+            minutes = (time.monotonic() - last_save) / 60
+            if (
+                step % config.checkpoint_every_steps == 0
+                or minutes >= config.checkpoint_every_minutes
+                or is_last
+                or stopping
+            ):
+                _check_finite(pending)  # never save a state whose loss is not finite
+                checkpoints.save(
+                    run.mngr,
+                    run.state,
+                    run.iterator.get_state(),
+                    {"elapsed_s": run.clock(), "best_bleu": run.best_bleu, "seed": config.seed},
+                )
+                log.info("checkpoint saved at step %d", step)
+                last_save = time.monotonic()
+        if stopping:
+            sys.exit(128 + stop.signum if stop.signum else 128 + signal.SIGTERM)
     return last_row
+
+
+def _log_step(run: _Run, step: int, metrics, window: _Window, compile_s: float) -> dict:
+    """Writes one training row (loss, learning rate, throughput, memory) and resets the window."""
+    values = jax.device_get(metrics)
+    seconds = max(window.seconds(), 1e-9)
+    row = {
+        "loss": values["loss"],
+        "nll": values["nll"],
+        "learning_rate": values["learning_rate"],
+        "grad_norm": values["grad_norm"],
+        "tokens_per_sec": window.tokens * jax.process_count() / seconds,
+        "model_flops_per_sec": run.flops * window.steps / seconds,
+        "steps_per_sec": window.steps / seconds,
+        "elapsed_s": run.clock(),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if compile_s:
+        row["compile_s"] = compile_s
+    run.writer.write(step, row)
+    run.writer.progress(step, f"loss {row['loss']:.3f} {row['tokens_per_sec']:.0f} tok/s")
+    window.reset()
+    return row
+
+
+def _loss_due(config, step: int, at_end: bool) -> bool:
+    return bool(config.eval_every_steps) and (step % config.eval_every_steps == 0 or at_end)
+
+
+def _bleu_due(config, step: int, at_end: bool) -> bool:
+    return bool(config.bleu_every_steps and step % config.bleu_every_steps == 0) or at_end
+
+
+def _evaluation_due(config, step: int, at_end: bool) -> bool:
+    return _loss_due(config, step, at_end) or _bleu_due(config, step, at_end)
+
+
+def _evaluate(run: _Run, step: int, at_end: bool) -> None:
+    """Dev loss and dev BLEU when due; keeps the parameters with the best BLEU."""
+    config = run.config
+    if _loss_due(config, step, at_end):
+        row = {**run.evaluator.dev_loss(run.state.params), "elapsed_s": run.clock()}
+        run.writer.write(step, row)
+        log.info("step %d: dev loss %.3f ppl %.2f", step, row["dev_loss"], row["dev_ppl"])
+    if _bleu_due(config, step, at_end):
+        row = {**run.evaluator.bleu(run.state.params), "elapsed_s": run.clock()}
+        run.writer.write(step, row)
+        if row["bleu"] > run.best_bleu:
+            run.best_bleu = row["bleu"]
+            checkpoints.save_params(run.best_mngr, step, run.state.params, {"bleu": row["bleu"]})
 
 
 class _Window:

@@ -1,6 +1,26 @@
 """Fields shared by every configuration, with their meaning. Each config file overrides some."""
 
+import dataclasses
+
 import ml_collections
+
+from model.config import TransformerConfig
+
+
+def _model_overrides() -> ml_collections.ConfigDict:
+    """One placeholder per TransformerConfig field (None: keep the preset's value).
+
+    Declaring them all lets any model field be set from the command line, e.g.
+    ``--config.model.overrides.dropout_rate=0.0``.
+    """
+    types = {int: int, float: float, str: str, "int": int, "float": float, "str": str}
+    fields = {}
+    for f in dataclasses.fields(TransformerConfig):
+        if f.name == "vocab_size":  # set by the tokenizer (config.vocab_size)
+            continue
+        field_type = types.get(f.type, str)
+        fields[f.name] = ml_collections.FieldReference(None, field_type=field_type)
+    return ml_collections.ConfigDict(fields)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -10,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Model: a TransformerConfig preset plus overrides (any TransformerConfig field).
     c.model = ml_collections.ConfigDict()
     c.model.preset = "base"  # 'base' | 'big' | 'tiny'
-    c.model.overrides = ml_collections.ConfigDict()
+    c.model.overrides = _model_overrides()
 
     # Data (fields documented in data/__init__.py).
     c.data = ml_collections.ConfigDict()
@@ -41,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.grad_clip_norm = 0.0  # 0 disables clipping
     c.label_smoothing = 0.1
     c.num_train_steps = 100_000
+    # Not in the paper (0 keeps its schedule): scale the rate linearly down to 0 over the last
+    # cooldown_steps, for runs with a fixed budget.
+    c.cooldown_steps = 0
 
     # Devices: mesh sizes; data = -1 takes all devices left over.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -17,12 +17,19 @@ def get_config():
     c.model.overrides.max_len = 256
     # float32: this project's reference CPU (AVX2, no bf16 units) runs bf16 matmuls slower.
     c.model.overrides.dtype = "float32"
+    # A 30-minute budget is about 2.5 epochs of this corpus: far too short to overfit, so
+    # dropout only slows learning (dev NLL 4.88 vs about 5.0 at step 500, and faster steps).
+    c.model.overrides.dropout_rate = 0.0
     c.vocab_size = 8000
     c.max_len = 128
+    # Small batches learn most per token here (dev NLL after the same 0.5M tokens: 4.88 at
+    # 1,024 tokens/step, 5.00 at 2,048; 4,096 lost by more in a run with dropout).
     c.tokens_per_step = 1024
-    c.lr_scale = 0.5
+    c.lr_scale = 0.5  # peak 1.6e-3; lr_scale 1.0 stalled (dev NLL 5.17 vs 4.88 at step 500)
     c.warmup_steps = 400
-    c.num_train_steps = 2200
+    c.num_train_steps = 2100  # about 30 minutes on a 2-core AVX2 CPU, evaluations included
+    # A fixed budget: end at a low rate (a 500-step test: dev NLL 4.74 against 4.88 without).
+    c.cooldown_steps = 500
     c.log_every_steps = 50
     c.eval_every_steps = 200
     c.bleu_every_steps = 400

@@ -297,3 +297,41 @@ def test_learning_rate_schedule_is_the_papers():
     for step in (1, 100, 4000, 10_000):
         expected = 512**-0.5 * min(step**-0.5, step * 4000**-1.5)
         assert float(schedule(step - 1)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_cooldown_ramps_the_papers_rate_linearly_to_zero():
+    paper = learning_rate_schedule(256, 400, 0.5)
+    cooled = learning_rate_schedule(256, 400, 0.5, cooldown_steps=200, total_steps=1000)
+    for count in (0, 399, 799):  # before the cooldown: the paper's rate
+        assert float(cooled(count)) == pytest.approx(float(paper(count)), rel=1e-6)
+    for count in (800, 900, 999):  # update `count` (from 0) is scaled by (1000 - count) / 200
+        expected = float(paper(count)) * (1000 - count) / 200
+        assert float(cooled(count)) == pytest.approx(expected, rel=1e-5)
+    assert float(cooled(1000)) == 0.0
+    with pytest.raises(ValueError, match="cooldown_steps=2000"):
+        learning_rate_schedule(256, 400, cooldown_steps=2000, total_steps=1000)
+
+
+def test_any_model_field_can_be_overridden_on_the_command_line():
+    import dataclasses
+
+    from absl import flags
+    from ml_collections import config_flags
+
+    from training.state import model_config
+
+    argv = [
+        "train.py",
+        f"--config={REPO / 'configs' / 'default.py'}",
+        "--config.model.overrides.dropout_rate=0.25",
+        "--config.model.overrides.norm=pre",
+    ]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
+    values(argv)
+    declared = set(values.config.model.overrides)
+    assert declared == {f.name for f in dataclasses.fields(TransformerConfig)} - {"vocab_size"}
+    cfg = model_config(values.config, 500)
+    assert (cfg.dropout_rate, cfg.norm, cfg.d_model, cfg.vocab_size) == (0.25, "pre", 256, 500)
+    # Fields left unset keep the preset's value.
+    assert cfg.layer_norm_epsilon == TransformerConfig.base(500).layer_norm_epsilon

@@ -36,19 +36,40 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> Transfor
     preset = config.model.preset
     if preset not in ("base", "big", "tiny"):
         raise ValueError(f"config.model.preset must be 'base', 'big' or 'tiny', got {preset!r}")
-    overrides = dict(config.model.overrides)
+    overrides = {k: v for k, v in config.model.overrides.items() if v is not None}
     return getattr(TransformerConfig, preset)(vocab_size, **overrides)
 
 
-def learning_rate_schedule(d_model: int, warmup_steps: int, scale: float = 1.0):
+def learning_rate_schedule(
+    d_model: int,
+    warmup_steps: int,
+    scale: float = 1.0,
+    *,
+    cooldown_steps: int = 0,
+    total_steps: int = 0,
+):
     """Section 5.3: lrate = d_model^-0.5 * min(step^-0.5, step * warmup_steps^-1.5).
 
-    ``step`` counts from 1 at the first update (optax counts from 0).
+    ``step`` counts from 1 at the first update (optax counts from 0). With ``cooldown_steps``
+    > 0 (not in the paper; 0 by default) the rate is also multiplied by a linear ramp from 1
+    down to 0 over the last ``cooldown_steps`` of ``total_steps``: a run with a fixed budget
+    then ends at a low rate instead of stopping midway down the inverse square root.
+
+    Raises:
+      ValueError: if the cooldown is negative or longer than the run.
     """
+    if cooldown_steps < 0 or (cooldown_steps and cooldown_steps > total_steps):
+        raise ValueError(
+            f"cooldown_steps={cooldown_steps} must be in [0, num_train_steps={total_steps}]"
+        )
 
     def schedule(count):
         step = jnp.asarray(count, jnp.float32) + 1.0
-        return scale * d_model**-0.5 * jnp.minimum(step**-0.5, step * warmup_steps**-1.5)
+        rate = scale * d_model**-0.5 * jnp.minimum(step**-0.5, step * warmup_steps**-1.5)
+        if cooldown_steps:
+            remaining = total_steps - jnp.asarray(count, jnp.float32)
+            rate = rate * jnp.clip(remaining / cooldown_steps, 0.0, 1.0)
+        return rate
 
     return schedule
 
@@ -59,7 +80,13 @@ def make_optimizer(config: ml_collections.ConfigDict, d_model: int):
     Returns:
       ``(optax.GradientTransformation, schedule)``.
     """
-    schedule = learning_rate_schedule(d_model, config.warmup_steps, config.lr_scale)
+    schedule = learning_rate_schedule(
+        d_model,
+        config.warmup_steps,
+        config.lr_scale,
+        cooldown_steps=config.get("cooldown_steps", 0),
+        total_steps=config.get("num_train_steps", 0),
+    )
     adam = optax.adam(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
     if config.grad_clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adam), schedule
