@@ -312,6 +312,16 @@ def test_cooldown_ramps_the_papers_rate_linearly_to_zero():
         learning_rate_schedule(256, 400, cooldown_steps=2000, total_steps=1000)
 
 
+def test_a_cooldown_longer_than_the_run_covers_the_whole_run(caplog):
+    # A short trial of the default config (cooldown 500) with --config.num_train_steps=30.
+    config = optimizer_config(num_train_steps=30, cooldown_steps=500)
+    _, schedule = make_optimizer(config, 32)
+    paper = learning_rate_schedule(32, config.warmup_steps, config.lr_scale)
+    for count in (0, 15, 29):
+        assert float(schedule(count)) == pytest.approx(float(paper(count)) * (30 - count) / 30)
+    assert "cooling down over the whole run" in caplog.text
+
+
 def test_any_model_field_can_be_overridden_on_the_command_line():
     import dataclasses
 

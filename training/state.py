@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import flax
@@ -14,6 +15,8 @@ from jax.sharding import Mesh
 
 from model import Transformer, TransformerConfig
 from model.sharding import LOGICAL_RULES
+
+log = logging.getLogger(__name__)
 
 
 @flax.struct.dataclass
@@ -80,12 +83,16 @@ def make_optimizer(config: ml_collections.ConfigDict, d_model: int):
     Returns:
       ``(optax.GradientTransformation, schedule)``.
     """
+    cooldown, total = config.get("cooldown_steps", 0), config.get("num_train_steps", 0)
+    if cooldown > total:  # e.g. a short trial run of a config made for a long one
+        log.warning(
+            "cooldown_steps=%d is longer than num_train_steps=%d: cooling down over the whole run",
+            cooldown,
+            total,
+        )
+        cooldown = total
     schedule = learning_rate_schedule(
-        d_model,
-        config.warmup_steps,
-        config.lr_scale,
-        cooldown_steps=config.get("cooldown_steps", 0),
-        total_steps=config.get("num_train_steps", 0),
+        d_model, config.warmup_steps, config.lr_scale, cooldown_steps=cooldown, total_steps=total
     )
     adam = optax.adam(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
     if config.grad_clip_norm > 0:
