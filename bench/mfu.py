@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from bench.train_speed import matmul_peak
 from model import Transformer, TransformerConfig, make_mesh, use_mesh
 from training.state import init_state, make_optimizer, state_shardings
 from training.step import batch_sharding, jit_train_step, train_flops_per_step
@@ -51,19 +52,6 @@ def datasheet_peak(device: jax.Device) -> float | None:
     return None
 
 
-def matmul_peak_tflops(n: int, repeats: int = 5) -> float:
-    """Measured TFLOP/s of one device on an n^3 bf16 matmul with float32 accumulation."""
-    a = jnp.ones((n, n), jnp.bfloat16)
-    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    f(a, a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a, a).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e12
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="big", choices=("base", "big", "tiny"))
@@ -79,7 +67,7 @@ def main():
 
     devices = jax.devices()
     n = args.matmul_n or (2048 if devices[0].platform == "cpu" else 8192)
-    measured = matmul_peak_tflops(n)
+    measured = matmul_peak(jnp.bfloat16, n) / 1e3  # TFLOP/s
     sheet = datasheet_peak(devices[0])
     cfg = getattr(TransformerConfig, args.preset)(
         args.vocab, max_len=max(args.length, 64), dtype=args.dtype
