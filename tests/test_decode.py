@@ -12,18 +12,8 @@ from decoding.translate import SearchConfig, Translator
 from tests.conftest import REPO
 
 
-@pytest.fixture
-def workdir(tiny_workdir):
-    return tiny_workdir
-
-
-@pytest.fixture
-def loaded(tiny_loaded):
-    return tiny_loaded
-
-
-def test_every_input_line_gets_one_output_line_in_order(loaded, tmp_path):
-    model, params, tokenizer = loaded
+def test_every_input_line_gets_one_output_line_in_order(tiny_loaded, tmp_path):
+    model, params, tokenizer = tiny_loaded
     long_line = " ".join(["And God said"] * 60)  # far longer than the model's max_len
     lines = ["In the beginning God created the heavens.", "", long_line, "Jesus wept.", "  "]
     lines += [f"The {n} sons of Israel went out." for n in range(30)]
@@ -41,8 +31,8 @@ def test_every_input_line_gets_one_output_line_in_order(loaded, tmp_path):
         assert written[i] == alone, i
 
 
-def test_n_best_with_scores_format(loaded, tmp_path):
-    model, params, tokenizer = loaded
+def test_n_best_with_scores_format(tiny_loaded, tmp_path):
+    model, params, tokenizer = tiny_loaded
     beam = Translator(model, tokenizer, SearchConfig(beam_size=3, n_best=2))
     results = beam.translate(params, ["God is love.", ""])
     line = decode.format_line(results[0], with_scores=True)
@@ -52,15 +42,17 @@ def test_n_best_with_scores_format(loaded, tmp_path):
     assert decode.format_line(results[1], with_scores=False) == "\t"  # two empty hypotheses
 
 
-def test_command_line_translates_and_scores_against_references(workdir, shared_corpus, tmp_path):
+def test_command_line_translates_and_scores_against_references(
+    tiny_workdir, shared_corpus, tmp_path
+):
     src = tmp_path / "dev.en"
     ref = tmp_path / "dev.es"
     src.write_text("".join(open(shared_corpus / "tiny" / "dev.en").readlines()[:12]))
     ref.write_text("".join(open(shared_corpus / "tiny" / "dev.es").readlines()[:12]))
     out = tmp_path / "hyp.es"
     result = subprocess.run(
-        [sys.executable, "decode.py", f"--workdir={workdir}", f"--input={src}", f"--output={out}",
-         f"--reference={ref}", "--beam_size=2", "--checkpoint=latest"],
+        [sys.executable, "decode.py", f"--workdir={tiny_workdir}", f"--input={src}",
+         f"--output={out}", f"--reference={ref}", "--beam_size=2", "--checkpoint=latest"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -69,23 +61,23 @@ def test_command_line_translates_and_scores_against_references(workdir, shared_c
     assert "chrF" in result.stderr
 
 
-def test_missing_pieces_of_the_workdir_are_named(workdir, tmp_path):
+def test_missing_pieces_of_the_workdir_are_named(tiny_workdir, tmp_path):
     broken = tmp_path / "broken"
-    shutil.copytree(workdir, broken)
+    shutil.copytree(tiny_workdir, broken)
     (broken / "tokenizer.model").unlink()
     with pytest.raises(FileNotFoundError, match=f"missing tokenizer: {broken}/tokenizer.model"):
         decode.load(broken)
     shutil.rmtree(broken)
-    shutil.copytree(workdir, broken, ignore=shutil.ignore_patterns("checkpoints", "best"))
+    shutil.copytree(tiny_workdir, broken, ignore=shutil.ignore_patterns("checkpoints", "best"))
     with pytest.raises(FileNotFoundError, match=f"no checkpoints checkpoint in {broken}"):
         decode.load(broken)
     with pytest.raises(FileNotFoundError, match="no checkpoint for step 999"):
-        decode.load(workdir, "999")
+        decode.load(tiny_workdir, "999")
 
 
-def test_tokenizer_of_another_size_is_refused(workdir, tmp_path):
+def test_tokenizer_of_another_size_is_refused(tiny_workdir, tmp_path):
     other = tmp_path / "other"
-    shutil.copytree(workdir, other)
+    shutil.copytree(tiny_workdir, other)
     pairs = [(f"word{i} and more", f"palabra{i} y mas") for i in range(300)]
     train_tokenizer(pairs, other / "tokenizer.model", vocab_size=300)
     with pytest.raises(ValueError, match="has 300 tokens but .* says vocab_size=500"):

@@ -21,16 +21,6 @@ def tick_labels(axis) -> list[str]:
     return [label.get_text() for label in axis.get_ticklabels()]
 
 
-@pytest.fixture
-def workdir(tiny_workdir):
-    return tiny_workdir
-
-
-@pytest.fixture
-def loaded(tiny_loaded):
-    return tiny_loaded
-
-
 def test_positional_encoding_heatmap(tmp_path):
     out = tmp_path / "pe.png"
     fig = plots.positional_encoding(50, 64, out=out)
@@ -117,8 +107,8 @@ def test_command_line_writes_pngs(tmp_path):
     assert missing.returncode == 1 and "no metrics file" in missing.stderr
 
 
-def test_attention_for_sentence_labels_axes_with_pieces(loaded):
-    model, params, tokenizer = loaded
+def test_attention_for_sentence_labels_axes_with_pieces(tiny_loaded):
+    model, params, tokenizer = tiny_loaded
     source, target = "God is love.", "Dios es amor."
     figures = plots.attention_for_sentence(model, params, tokenizer, source, target)
     assert set(figures) == {"encoder_self", "decoder_self", "decoder_cross"}
@@ -143,12 +133,12 @@ def test_attention_for_sentence_labels_axes_with_pieces(loaded):
     assert "layer 1 of" in translated["decoder_cross"].get_suptitle()
 
 
-def test_decode_attention_plot_flag_writes_pngs(workdir, tmp_path):
+def test_decode_attention_plot_flag_writes_pngs(tiny_workdir, tmp_path):
     src = tmp_path / "in.en"
     src.write_text("In the beginning God created the heavens.\nJesus wept.\n")
     out = tmp_path / "attention.png"
     result = subprocess.run(
-        [sys.executable, "decode.py", f"--workdir={workdir}", f"--input={src}",
+        [sys.executable, "decode.py", f"--workdir={tiny_workdir}", f"--input={src}",
          f"--output={tmp_path / 'out.es'}", "--beam_size=2", f"--attention_plot={out}"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
