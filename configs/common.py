@@ -13,7 +13,8 @@ def _model_overrides() -> ml_collections.ConfigDict:
     Declaring them all lets any model field be set from the command line, e.g.
     ``--config.model.overrides.dropout_rate=0.0``.
     """
-    types = {int: int, float: float, str: str, "int": int, "float": float, "str": str}
+    # model/config.py postpones annotations, so f.type is a string ("Norm" etc. are str values).
+    types = {"int": int, "float": float}
     fields = {}
     for f in dataclasses.fields(TransformerConfig):
         if f.name == "vocab_size":  # set by the tokenizer (config.vocab_size)
