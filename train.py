@@ -38,7 +38,7 @@ from model import Transformer, make_mesh, use_mesh
 from training import checkpoints, evaluation
 from training.metrics import MetricsWriter, Stopwatch
 from training.state import init_state, make_optimizer, model_config, state_shardings
-from training.step import batch_sharding, jit_train_step, make_eval_step, train_flops_per_step
+from training.step import jit_train_step, make_eval_step, train_batch_sharding, train_flops_per_step
 
 log = logging.getLogger("train")
 
@@ -226,7 +226,7 @@ def _loop(run: _Run, stop: _StopSignal) -> dict:
     while step < config.num_train_steps:
         local = _next_batch(run.iterator, config.grad_accum_steps)
         tokens = int((local["inputs"] > 0).sum() + (local["targets"] > 0).sum())
-        batch = jax.make_array_from_process_local_data(batch_sharding(run.mesh), local)
+        batch = jax.make_array_from_process_local_data(train_batch_sharding(run.mesh), local)
         run.state, metrics = run.train_step(run.state, batch, rng)
         if compile_s is None:  # the first step compiles; keep it out of throughput figures
             jax.block_until_ready(metrics)

@@ -26,7 +26,7 @@ import numpy as np
 from bench.train_speed import matmul_peak
 from model import Transformer, TransformerConfig, make_mesh, use_mesh
 from training.state import init_state, make_optimizer, state_shardings
-from training.step import batch_sharding, jit_train_step, train_flops_per_step
+from training.step import jit_train_step, train_batch_sharding, train_flops_per_step
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity), TFLOP/s per device.
 DATASHEET_BF16_TFLOPS = {
@@ -85,7 +85,7 @@ def main():
     rng = np.random.default_rng(0)
     shape = (args.accum, args.rows, args.length)
     host = {k: rng.integers(4, args.vocab, shape).astype(np.int32) for k in ("inputs", "targets")}
-    batch = jax.device_put(host, batch_sharding(mesh))
+    batch = jax.device_put(host, train_batch_sharding(mesh))
     key = jax.random.key(1)
 
     with use_mesh(mesh):

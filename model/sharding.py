@@ -95,10 +95,11 @@ def logical_to_sharding(logical_tree, mesh: Mesh):
     return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding of a ``[batch, ...]`` input: rows split over ``data`` x ``fsdp``."""
-    axes = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), LOGICAL_RULES)
-    return NamedSharding(mesh, PartitionSpec(*axes))
+def batch_sharding(mesh: Mesh, ndim: int = 2, batch_dim: int = 0) -> NamedSharding:
+    """Sharding of an ``ndim`` input whose dimension ``batch_dim`` holds the rows: the rows
+    split over ``data`` x ``fsdp`` (the ``batch`` rule), every other dimension whole."""
+    logical = tuple("batch" if i == batch_dim else None for i in range(ndim))
+    return NamedSharding(mesh, PartitionSpec(*nn.logical_to_mesh_axes(logical, LOGICAL_RULES)))
 
 
 def place_batch(array: np.ndarray, mesh: Mesh | None) -> jax.Array:

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from model import Transformer, TransformerConfig, make_mesh, use_mesh  # noqa: E402
 from training.state import init_state, make_optimizer, state_shardings  # noqa: E402
-from training.step import batch_sharding, jit_train_step  # noqa: E402
+from training.step import jit_train_step, train_batch_sharding  # noqa: E402
 
 if num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -45,7 +45,7 @@ with use_mesh(mesh):
         full = {k: rng.integers(3, 64, (1, 4, 12)).astype(np.int32) for k in ("inputs", "targets")}
         rows = 4 // num_processes
         local = {k: v[:, process_id * rows : (process_id + 1) * rows] for k, v in full.items()}
-        batch = jax.make_array_from_process_local_data(batch_sharding(mesh), local)
+        batch = jax.make_array_from_process_local_data(train_batch_sharding(mesh), local)
         state, metrics = step(state, batch, jax.random.key(1))
         losses.append(float(metrics["loss"]))
 print(json.dumps({"process": process_id, "losses": losses}))

@@ -24,7 +24,7 @@ from tests.conftest import REPO
 from training import checkpoints
 from training.average import average_checkpoints
 from training.state import init_state, learning_rate_schedule, make_optimizer, state_shardings
-from training.step import batch_sharding, jit_train_step, make_train_step, token_losses
+from training.step import jit_train_step, make_train_step, token_losses, train_batch_sharding
 
 
 def optimizer_config(**changes) -> ml_collections.ConfigDict:
@@ -187,7 +187,7 @@ def test_losses_agree_on_every_mesh_shape():
         with use_mesh(mesh):
             for b in batches:
                 state, metrics = step(
-                    state, jax.device_put(b, batch_sharding(mesh)), jax.random.key(1)
+                    state, jax.device_put(b, train_batch_sharding(mesh)), jax.random.key(1)
                 )
                 out.append(float(metrics["loss"]))
         results[shape] = out

@@ -14,9 +14,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from model import Transformer, TransformerConfig, shift_right
+from model.sharding import batch_sharding
 from training.state import TrainState
 
 
@@ -118,9 +119,9 @@ def make_train_step(
     return train_step
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Where a ``[A, R, L]`` training batch lives: its R rows split over ``data`` x ``fsdp``."""
-    return NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None))
+def train_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Where a ``[A, R, L]`` training batch lives: its R rows split like any batch's."""
+    return batch_sharding(mesh, ndim=3, batch_dim=1)
 
 
 def jit_train_step(
@@ -140,7 +141,7 @@ def jit_train_step(
     step = make_train_step(model, tx, schedule, bos_id=bos_id, label_smoothing=label_smoothing)
     return jax.jit(
         step,
-        in_shardings=(state_shardings, batch_sharding(mesh), None),
+        in_shardings=(state_shardings, train_batch_sharding(mesh), None),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
     )
