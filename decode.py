@@ -30,6 +30,7 @@ from absl import app, flags
 from data import DataError, Tokenizer
 from decoding.translate import SearchConfig, Translator
 from model import Transformer, TransformerConfig, make_mesh
+from model.compilation import enable_compilation_cache
 from model.sharding import logical_to_sharding
 from training import checkpoints
 from training.evaluation import score
@@ -114,6 +115,7 @@ def main(argv):
         raise app.UsageError("--workdir is required")
     if f.attention_plot and f.input == "-":
         raise app.UsageError("--attention_plot needs --input=FILE (it re-reads the first line)")
+    enable_compilation_cache()
     try:
         search = SearchConfig(
             method=f.method, beam_size=f.beam_size, alpha=f.alpha, n_best=f.n_best,
@@ -153,7 +155,7 @@ def translate_file(translator, params, src: str, dst: str, chunk_lines: int, sco
     best, count = [], 0
     try:
         for chunk in read_chunks(src, chunk_lines):
-            results = translator.translate(params, chunk)
+            results = translator.translate(params, chunk, first_line=count)
             for nbest in results:
                 out.write(format_line(nbest, scores) + "\n")
             out.flush()

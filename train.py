@@ -35,6 +35,7 @@ from ml_collections import config_flags
 
 import data
 from model import Transformer, make_mesh, use_mesh
+from model.compilation import enable_compilation_cache
 from training import checkpoints, evaluation
 from training.metrics import MetricsWriter, Stopwatch
 from training.state import init_state, make_optimizer, model_config, state_shardings
@@ -392,6 +393,7 @@ def main(argv):
     if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")
     _maybe_initialize_distributed()
+    enable_compilation_cache()
     try:
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     except (data.DataError, NonFiniteLossError, FileNotFoundError, ValueError) as err:

@@ -45,7 +45,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from data.eval_batches import padded_batches, restore_order
+from data.eval_batches import decoding_batches, padded_batches, restore_order
 from data.sources import DataError, ParallelText, TSVPairs, open_split
 from data.tokenizer import Tokenizer, load_or_train, train_tokenizer
 
@@ -67,6 +67,7 @@ __all__ = [
     "Tokenizer",
     "load_or_train",
     "open_split",
+    "decoding_batches",
     "padded_batches",
     "restore_order",
     "train_tokenizer",

@@ -128,6 +128,71 @@ def padded_batches(
     return batches
 
 
+def decoding_batches(
+    sources: Sequence[str],
+    tokenizer: Tokenizer,
+    *,
+    max_len: int,
+    tokens_per_batch: int,
+    row_multiple: int = 1,
+    buckets: Sequence[int] | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Length-sorted batches in few shapes, so that a jitted search compiles few programs.
+
+    Each bucket width W holds ``rows(W)`` sentences per batch: the largest power of two (times
+    ``row_multiple``) within ``tokens_per_batch // W``. A bucket's sentences that do not fill a
+    last batch move on to the next wider bucket rather than make a smaller shape of their own;
+    only the very last batch is partial, its rows rounded up to a power of two (times
+    ``row_multiple``) with filler rows. So a whole file decodes with one shape per width plus
+    one, and the same shapes recur across files (a persistent compilation cache keeps them).
+    Sentences are sorted by length, so those of a batch tend to finish together.
+
+    Args:
+        sources: Source sentences in input order (empty strings allowed).
+        tokenizer: The shared tokenizer.
+        max_len: Longest sequence (EOS included); longer ones are truncated (and counted).
+        tokens_per_batch: Budget of rows x width per batch.
+        row_multiple: Rows per batch are a multiple of this (the data-parallel devices).
+        buckets: Allowed widths, ascending; default ``default_buckets(max_len)``.
+
+    Returns:
+        Batches of increasing width: ``inputs`` [R, W] int32 (ids + EOS, 0-padded; filler rows
+        are all 0) and ``index`` [R] int32 (position in ``sources``, -1 for filler rows).
+    """
+    if max_len < 2 or tokens_per_batch < 1 or row_multiple < 1:
+        raise DataError(f"decoding_batches: bad {max_len=}, {tokens_per_batch=} or {row_multiple=}")
+    buckets = sorted(buckets or default_buckets(max_len))
+    if buckets[-1] < max_len:
+        raise DataError(f"largest bucket {buckets[-1]} < {max_len=}; expected it to cover max_len")
+    seqs = _encode(sources, tokenizer, max_len, "sources")
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    widths = np.asarray(buckets)[np.searchsorted(buckets, lengths)]
+    order = np.argsort(lengths, kind="stable")
+
+    def rows_for(width: int) -> int:
+        budget = max(1, tokens_per_batch // (width * row_multiple))
+        return (1 << (budget.bit_length() - 1)) * row_multiple
+
+    def make(index: np.ndarray, rows: int, width: int) -> dict[str, np.ndarray]:
+        filler = rows - len(index)
+        return {
+            "inputs": _pad([seqs[i] for i in index] + [[]] * filler, width),
+            "index": np.concatenate([index, np.full(filler, -1)]).astype(np.int32),
+        }
+
+    batches, carried = [], np.zeros(0, np.int64)
+    for width in np.unique(widths):
+        members = np.concatenate([carried, order[widths[order] == width]])
+        rows = rows_for(int(width))
+        full = len(members) // rows * rows
+        batches += [make(members[b : b + rows], rows, int(width)) for b in range(0, full, rows)]
+        carried, last_width = members[full:], int(width)
+    if len(carried):
+        rows = 1 << (int(-(-len(carried) // row_multiple)) - 1).bit_length()
+        batches.append(make(carried, rows * row_multiple, last_width))
+    return batches
+
+
 def restore_order(indices: Iterable[np.ndarray], outputs: Iterable[Sequence[T]], n: int) -> list[T]:
     """Puts per-batch outputs back in the order of the original inputs.
 

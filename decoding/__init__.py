@@ -13,7 +13,8 @@ Modules (each has one job):
 The searches see the model only through ``tokens_to_logits(ids [B, 1] int32, cache) ->
 (logits [B, V] float32, cache)`` and a cache pytree whose non-scalar leaves have the batch as
 their leading dimension (beam search tiles and reorders those per beam; 0-d leaves such as a
-step index are shared). They are ``lax.while_loop``s, jit-compatible with the sizes static:
+step index are shared; ``PerSentence`` entries stay one per sentence: see `common`). They
+are ``lax.while_loop``s, jit-compatible with the sizes static:
 
     @functools.partial(jax.jit, static_argnames="max_len")
     def translate(variables, src, max_lengths, max_len):
@@ -24,10 +25,12 @@ step index are shared). They are ``lax.while_loop``s, jit-compatible with the si
 """
 
 from decoding.beam_search import beam_search, length_penalty
+from decoding.common import PerSentence
 from decoding.model_fns import cached_decoder, uncached_decoder
 from decoding.sampling import greedy_search, sample, top_k_filter, top_p_filter
 
 __all__ = [
+    "PerSentence",
     "beam_search",
     "cached_decoder",
     "greedy_search",

@@ -20,9 +20,9 @@ hypotheses among those with ``n <= max_lengths[b]``:
   hypothesis could still reach (its log-probability can only fall, and lp is monotonic, so
   the bound is ``log P / max(lp(i + 1), lp(limit))``); the loop exits when all are done.
 
-The loop is a ``lax.while_loop``; the cache is tiled per beam and reordered by parent beam each
-step (non-scalar leaves only), so the search knows nothing of the model behind
-``tokens_to_logits``.
+The loop is a ``lax.while_loop``; the cache's per-row entries are tiled per beam and reordered
+by parent beam each step (``decoding.common``: per-sentence entries are left alone), so the
+search knows nothing of the model behind ``tokens_to_logits``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ from decoding.common import (
     TokensToLogits,
     check_cache,
     length_limits,
+    reorder,
     restrict_tokens,
+    tile,
 )
 
 
@@ -63,8 +65,8 @@ def beam_search(
     Args:
       tokens_to_logits: ``(ids [B*K, 1] int32, cache) -> (logits [B*K, V], cache)``; row
         ``b * K + k`` is beam k of sentence b.
-      cache: the initial cache for B sentences (non-scalar leaves have B leading rows); it is
-        tiled to B*K rows here.
+      cache: the initial cache for B sentences (per-row entries have B leading rows); they are
+        tiled to B*K rows here (see ``decoding.common`` for the entries left per sentence).
       batch_size: B.
       beam_size: K, static.
       alpha: the length penalty exponent (0: plain log-probability).
@@ -90,7 +92,7 @@ def beam_search(
     # Only beam 0 is live at first, so the K copies of BOS do not fill the beam with duplicates.
     init = {
         "i": jnp.array(0, jnp.int32),
-        "cache": jax.tree.map(lambda x: _tile(x, k), cache),
+        "cache": tile(cache, k),
         "live_seqs": jnp.zeros((b, k, t), jnp.int32),
         "live_logp": jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (b, 1)),
         "last": jnp.full((b, k), bos_id, jnp.int32),
@@ -138,7 +140,7 @@ def beam_search(
             jnp.where(is_eos | ~exists, NEG_INF, top_logp), (top_seqs, parent, token), k
         )
         rows = (jnp.arange(b)[:, None] * k + live_parent).reshape(b * k)
-        new_cache = jax.tree.map(lambda x: x if jnp.ndim(x) == 0 else x[rows], new_cache)
+        new_cache = reorder(new_cache, rows)
         return {
             "i": i + 1,
             "cache": new_cache,
@@ -154,11 +156,6 @@ def beam_search(
     found = scores > NEG_INF / 2
     seqs = jnp.where(found[:, :, None], final["done_seqs"][:, :n_best], 0)
     return seqs, jnp.where(found, scores, -jnp.inf)
-
-
-def _tile(x: jax.Array, k: int) -> jax.Array:
-    """``[B, ...] -> [B*K, ...]`` with row ``b * K + j`` a copy of row b; 0-d leaves shared."""
-    return x if jnp.ndim(x) == 0 else jnp.repeat(x, k, axis=0)
 
 
 def _top_k(scores: jax.Array, values, k: int):

@@ -1,8 +1,16 @@
 """Pieces shared by the search functions: the cache contract, length limits, forbidden tokens.
 
-Every search drives a ``tokens_to_logits(ids [B, 1] int32, cache) -> (logits [B, V], cache)``
-function. The cache is any pytree: leaves with ndim >= 1 have the batch (or batch x beam) as
-their leading dimension, 0-d leaves (a step index) are shared by all rows.
+Every search drives a ``tokens_to_logits(ids [R, 1] int32, cache) -> (logits [R, V], cache)``
+function, R = B sentences x n beams (n = 1 for greedy search and sampling; row ``b * n + j`` is
+beam j of sentence b). The cache is any pytree whose leaves are one of:
+
+* an array with ndim >= 1: one row per decoder row; a beam search repeats it n times
+  (``tile``) and reorders its rows to follow the surviving beams after every step;
+* a 0-d array (a step index): shared by all rows;
+* ``PerSentence(array)``: one row per sentence, shared by its beams, never copied or
+  reordered (the encoder memory's keys and values: ``tokens_to_logits`` reads n from the
+  ratio of rows). Reordering is a gather of every per-row byte at every step, so what need
+  not follow the beams should not be per row.
 """
 
 from __future__ import annotations
@@ -23,9 +31,56 @@ PAD_ID = 0  # Outputs are padded with 0 after EOS, so the searches never emit it
 NEG_INF = -1.0e30
 
 
+@jax.tree_util.register_pytree_node_class
+class PerSentence:
+    """A cache entry with one row per sentence, shared by the sentence's beams."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def tree_flatten(self):
+        return (self.value,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        del aux
+        return cls(*children)
+
+
+def _is_entry(x) -> bool:
+    return isinstance(x, PerSentence)
+
+
+def map_rows(fn: Callable[[jax.Array], jax.Array], cache: Cache) -> Cache:
+    """Applies ``fn`` to every per-row leaf (ndim >= 1); 0-d leaves and ``PerSentence`` entries
+    are kept as they are."""
+
+    def apply(x):
+        if isinstance(x, PerSentence) or jnp.ndim(x) == 0:
+            return x
+        return fn(x)
+
+    return jax.tree.map(apply, cache, is_leaf=_is_entry)
+
+
+def tile(cache: Cache, n: int) -> Cache:
+    """Repeats every per-row leaf n times along its rows: ``[B, ...] -> [B*n, ...]``."""
+    return map_rows(lambda x: jnp.repeat(x, n, axis=0), cache)
+
+
+def reorder(cache: Cache, rows: jax.Array) -> Cache:
+    """Row ``r`` of every per-row leaf becomes its row ``rows[r]`` (beams following parents)."""
+    return map_rows(lambda x: x[rows], cache)
+
+
+def unwrap(cache: Cache) -> Cache:
+    """The cache with its ``PerSentence`` entries replaced by their arrays."""
+    return jax.tree.map(lambda x: x.value if _is_entry(x) else x, cache, is_leaf=_is_entry)
+
+
 def check_cache(cache: Cache, batch_size: int) -> None:
     """Raises ValueError unless every non-scalar cache leaf has ``batch_size`` leading rows."""
-    for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(unwrap(cache)):
         if jnp.ndim(leaf) >= 1 and jnp.shape(leaf)[0] != batch_size:
             raise ValueError(
                 f"cache leaf {jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}; expected "

@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from decoding.common import Cache, TokensToLogits
+from decoding.common import Cache, PerSentence, TokensToLogits, unwrap
 from model.transformer import Transformer
 
 
@@ -38,17 +38,32 @@ def cached_decoder(
       max_len: L, the most target positions (steps) the cache holds.
 
     Returns:
-      ``(tokens_to_logits, cache)``: ``ids [B, 1] -> logits [B, V]`` float32, and the cache of
-      ``Transformer.init_cache`` (``'index'`` is its only 0-d leaf).
+      ``(tokens_to_logits, cache)``: ``ids [R, 1] -> logits [R, V]`` float32 (R = B x beams),
+      and the cache of ``Transformer.init_cache`` with its per-sentence entries (the source
+      mask, the encoder-decoder keys/values) marked ``PerSentence`` (see ``decoding.common``).
     """
     memory = model.apply(variables, src, method=Transformer.encode)
     cache = model.apply(variables, memory, src, max_len, method=Transformer.init_cache)
 
     def tokens_to_logits(ids: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
-        logits, cache = model.apply(variables, ids, cache, method=Transformer.decode_step)
-        return logits[:, 0].astype(jnp.float32), cache
+        logits, cache = model.apply(variables, ids, unwrap(cache), method=Transformer.decode_step)
+        return logits[:, 0].astype(jnp.float32), _mark(cache)
 
-    return tokens_to_logits, cache
+    return tokens_to_logits, _mark(cache)
+
+
+def _mark(cache: Cache) -> Cache:
+    """Marks ``Transformer.init_cache``'s entries for the searches (``decoding.common``)."""
+    layers = tuple(
+        {
+            "k": c["k"],  # [R, H, L, K]: follows the beams
+            "v": c["v"],
+            "cross_k": PerSentence(c["cross_k"]),
+            "cross_v": PerSentence(c["cross_v"]),
+        }
+        for c in cache["layers"]
+    )
+    return {**cache, "src_valid": PerSentence(cache["src_valid"]), "layers": layers}
 
 
 def uncached_decoder(

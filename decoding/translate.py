@@ -1,14 +1,18 @@
 """Sentences in, translations out: batching, device placement, search, detokenization.
 
-Sources are grouped into length-bucketed, token-budget batches (``data.padded_batches``), each
-batch is placed along the mesh's data axes, the jitted search runs (encoder once, cached decoder
-steps), the ids are detokenized and the original order is restored, so every input line gets
-exactly one output, in order.
+Sources are sorted by length into token-budget batches of few shapes
+(``data.decoding_batches``), each batch is placed along the mesh's data axes, the jitted search
+runs (encoder once, cached decoder steps), the ids are detokenized and the original order is
+restored, so every input line gets exactly one output, in order.
+
+Every batch is dispatched before the first result is read back, so the host's detokenizing
+overlaps the device's decoding and the device never waits for the host between batches.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 
 import jax
@@ -17,12 +21,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from data import Tokenizer, padded_batches, restore_order
+from data import Tokenizer, decoding_batches, restore_order
 from decoding.beam_search import beam_search
 from decoding.model_fns import cached_decoder
 from decoding.sampling import greedy_search, sample
 from model import Transformer, use_mesh
 from model.sharding import place_batch
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,61 +95,95 @@ class Translator:
         self._shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self._run = jax.jit(self._search, static_argnames="max_len")
 
-    def _search(self, params, src, rng, max_len):
+    def _search(self, params, src, max_lengths, rng, max_len):
         s, tok = self.search, self.tokenizer
         fn, cache = cached_decoder(self.model, {"params": params}, src, max_len)
-        max_lengths = jnp.minimum(jnp.sum(src > 0, axis=1) + s.extra_len, max_len)
         common = dict(
-            batch_size=src.shape[0], bos_id=tok.bos_id, eos_id=tok.eos_id, max_len=max_len
-        )
+            batch_size=src.shape[0], bos_id=tok.bos_id, eos_id=tok.eos_id, max_len=max_len,
+            max_lengths=max_lengths,
+        )  # fmt: skip
         if s.method == "beam":
             return beam_search(
-                fn, cache, beam_size=s.beam_size, alpha=s.alpha, n_best=s.n_best,
-                max_lengths=max_lengths, **common,
-            )  # fmt: skip
+                fn, cache, beam_size=s.beam_size, alpha=s.alpha, n_best=s.n_best, **common
+            )
         if s.method == "greedy":
-            ids, _ = greedy_search(fn, cache, max_lengths=max_lengths, **common)
+            ids, _ = greedy_search(fn, cache, **common)
         else:
             ids, _ = sample(
-                fn, cache, rng, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                max_lengths=max_lengths, **common,
-            )  # fmt: skip
+                fn, cache, rng, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, **common
+            )
         return ids[:, None, :], jnp.zeros((ids.shape[0], 1), jnp.float32)
 
     def batches(self, sources: Sequence[str]) -> list[dict[str, np.ndarray]]:
-        """The padded, length-bucketed batches ``translate`` runs on (exposed for tests)."""
-        cfg = self.model.config
-        return padded_batches(
+        """The padded, length-sorted batches ``translate`` runs on (exposed for tests)."""
+        return decoding_batches(
             sources,
             self.tokenizer,
-            max_len=max(2, cfg.max_len - 1),
+            max_len=max(2, self.model.config.max_len - 1),
             tokens_per_batch=self.tokens_per_batch,
             row_multiple=self._shards,
         )
 
-    def translate(self, params, sources: Sequence[str]) -> list[list[tuple[str, float]]]:
+    def output_limits(self, src: np.ndarray) -> tuple[int, np.ndarray]:
+        """The batch's cache length and each row's output limit (EOS included).
+
+        A sentence may produce its source length (EOS included) + ``extra_len`` tokens (the
+        paper's +50), within the model's position table; rows without a source (filler rows,
+        empty lines) stop at once.
+
+        Returns:
+          ``(L, limits [R] int32)``.
+        """
+        cfg, extra = self.model.config, self.search.extra_len
+        length = min(cfg.max_len, src.shape[1] + extra)
+        n = np.sum(src > 0, axis=1)
+        limits = np.minimum(n + extra, length)
+        limits[(n == 0) | (src[:, 0] == self.tokenizer.eos_id)] = 1
+        return length, limits.astype(np.int32)
+
+    def translate(
+        self, params, sources: Sequence[str], *, first_line: int = 0
+    ) -> list[list[tuple[str, float]]]:
         """Translates ``sources``; returns, per sentence, ``n_best`` (text, score) pairs.
 
         Scores are length-penalised log-probabilities for beam search (0 for greedy and
         sampling). An empty source gives an empty translation.
+
+        Args:
+          params: the model's parameters.
+          sources: the sentences.
+          first_line: the global index of ``sources[0]`` when a file is translated in chunks:
+            sampling keys derive from it and the batch index, so no two batches of a file
+            share a key.
         """
         if not sources:
             return []
-        cfg = self.model.config
-        indices, outputs = [], []
-        rng = jax.random.key(self.search.seed)
+        cfg, extra = self.model.config, self.search.extra_len
+        rng = jax.random.fold_in(jax.random.key(self.search.seed), first_line)
+        pending = []
         with use_mesh(self.mesh):
             for i, batch in enumerate(self.batches(sources)):
-                width = batch["inputs"].shape[1]
-                max_len = min(cfg.max_len, width + self.search.extra_len)
-                ids, scores = self._run(
+                src = batch["inputs"]
+                length, limits = self.output_limits(src)
+                real = batch["index"] >= 0
+                cut = int(np.sum(real & (np.sum(src > 0, axis=1) + extra > length)))
+                if cut:
+                    log.warning(
+                        "%d sentences may produce fewer than source length + %d tokens: the "
+                        "model's position table ends at max_len=%d",
+                        cut, extra, cfg.max_len,
+                    )  # fmt: skip
+                out = self._run(
                     params,
-                    place_batch(batch["inputs"], self.mesh),
+                    place_batch(src, self.mesh),
+                    place_batch(limits, self.mesh),
                     jax.random.fold_in(rng, i),
-                    max_len,
+                    length,
                 )
-                ids, scores = _to_host(ids), _to_host(scores)
-                outputs.append(self._detokenize(batch["inputs"], ids, scores))
+                pending.append((batch, out))  # dispatched; read back below
+            indices, outputs = [], []
+            for batch, (ids, scores) in pending:
+                outputs.append(self._detokenize(batch["inputs"], _to_host(ids), _to_host(scores)))
                 indices.append(batch["index"])
         return restore_order(indices, outputs, len(sources))
 

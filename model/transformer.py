@@ -24,7 +24,7 @@ from model.attention import MultiHeadAttention, attention_mask
 from model.config import TransformerConfig
 from model.layers import Embed, FeedForward, layer_norm, sinusoidal_positions
 
-# {'index': int32 [], 'src_valid': bool [B, S], 'layers': ({'k', 'v', 'cross_k', 'cross_v'}, ...)}
+# The decoding cache; its layout is documented in Transformer.init_cache.
 Cache = dict
 
 
@@ -94,46 +94,59 @@ class DecoderLayer(_Sublayers):
         cross_kv: tuple[jax.Array, jax.Array],
         cross_mask: jax.Array,
         *,
-        cache: dict | None = None,
-        index: jax.Array | None = None,
         deterministic: bool = True,
-    ) -> tuple[jax.Array, dict | None]:
-        """One decoder layer.
+    ) -> jax.Array:
+        """One decoder layer over a whole target (teacher forcing).
 
         Args:
           y: ``[B, T, D]`` decoder stream.
-          self_mask: ``[B, 1, T, T]`` (or ``[B, 1, T, L]`` with a cache).
+          self_mask: ``[B, 1, T, T]``.
           cross_kv: the encoder memory's keys and values, each ``[B, S, H, K]``.
           cross_mask: ``[B, 1, T, S]``.
-          cache: this layer's ``{'k', 'v'}`` ``[B, L, H, K]`` self-attention cache, or None.
-          index: where the T new positions go in the cache.
           deterministic: disables dropout.
 
         Returns:
-          ``([B, T, D]`` outputs, the updated ``{'k', 'v'}`` cache or None).
+          ``[B, T, D]``.
         """
         h = self.pre(y, self.norm_self)
-        if cache is None:
-            a = self.self_attention(h, self_mask, deterministic=deterministic)
-        else:
-            k_new, v_new = self.self_attention.project_kv(h)
-            start = (0, index, 0, 0)
-            cache = {
-                "k": jax.lax.dynamic_update_slice(
-                    cache["k"], k_new.astype(cache["k"].dtype), start
-                ),
-                "v": jax.lax.dynamic_update_slice(
-                    cache["v"], v_new.astype(cache["v"].dtype), start
-                ),
-            }
-            kv = (cache["k"], cache["v"])
-            a = self.self_attention(h, self_mask, kv=kv, deterministic=deterministic)
+        a = self.self_attention(h, self_mask, deterministic=deterministic)
         y = self.residual(y, a, self.norm_self, deterministic)
         h = self.pre(y, self.norm_cross)
         a = self.cross_attention(h, cross_mask, kv=cross_kv, deterministic=deterministic)
         y = self.residual(y, a, self.norm_cross, deterministic)
         h = self.pre(y, self.norm_ff)
-        return self.residual(y, self.feed_forward(h), self.norm_ff, deterministic), cache
+        return self.residual(y, self.feed_forward(h), self.norm_ff, deterministic)
+
+    def step(
+        self, y: jax.Array, self_mask: jax.Array, cross_mask: jax.Array, cache: dict, index
+    ) -> tuple[jax.Array, dict]:
+        """The layer on new positions during decoding, reading and extending its cache.
+
+        Args:
+          y: ``[R, T, D]`` decoder stream of the new positions (R = B * n rows, n beams).
+          self_mask: ``[1, 1, T, L]``: which cache positions each new position sees.
+          cross_mask: ``[B, 1, 1, S]``: the source's padding, per sentence.
+          cache: ``{'k', 'v'}`` ``[R, H, L, K]`` and ``{'cross_k', 'cross_v'}`` ``[B, H, S, K]``.
+          index: where the T new positions go in the cache.
+
+        Returns:
+          ``([R, T, D]`` outputs, the cache with the new keys and values written).
+        """
+        h = self.pre(y, self.norm_self)
+        k_new, v_new = self.self_attention.project_kv_cache(h)  # [R, H, T, K]
+        start = (0, 0, index, 0)
+        cache = {
+            **cache,
+            "k": jax.lax.dynamic_update_slice(cache["k"], k_new.astype(cache["k"].dtype), start),
+            "v": jax.lax.dynamic_update_slice(cache["v"], v_new.astype(cache["v"].dtype), start),
+        }
+        a = self.self_attention.attend_cache(h, cache["k"], cache["v"], self_mask)
+        y = self.residual(y, a, self.norm_self, True)
+        h = self.pre(y, self.norm_cross)
+        a = self.cross_attention.attend_cache(h, cache["cross_k"], cache["cross_v"], cross_mask)
+        y = self.residual(y, a, self.norm_cross, True)
+        h = self.pre(y, self.norm_ff)
+        return self.residual(y, self.feed_forward(h), self.norm_ff, True), cache
 
 
 class Transformer(nn.Module):
@@ -220,7 +233,7 @@ class Transformer(nn.Module):
         y = self._embed(tgt, tgt_positions, deterministic)
         for layer in self.decoder_layers:
             cross_kv = layer.cross_attention.project_kv(memory)
-            y, _ = layer(y, self_mask, cross_kv, cross_mask, deterministic=deterministic)
+            y = layer(y, self_mask, cross_kv, cross_mask, deterministic=deterministic)
         return self._logits(y)
 
     def _logits(self, y: jax.Array) -> jax.Array:
@@ -258,50 +271,52 @@ class Transformer(nn.Module):
         """An empty decoding cache for up to ``max_len`` target positions.
 
         The encoder-decoder keys/values of every layer are computed here, once per sentence.
+        Keys and values are head-major (``[B, H, L, K]``, see ``cached_attention``).
 
         Args:
           memory: ``[B, S, D]`` from ``encode``.
           src: ``[B, S]`` source ids (for the padding mask).
           max_len: L, the longest target the cache will hold (<= ``config.max_len``).
+
+        Returns:
+          ``{'index': int32 [], 'src_valid': bool [B, S], 'layers': ({'k', 'v': [B, H, L, K]
+          self-attention, filled step by step; 'cross_k', 'cross_v': [B, H, S, K]}, ...)}``.
+          A search with n beams may repeat the rows of ``k`` and ``v`` (R = B * n rows, rows
+          ``b * n ..`` for sentence b) and keep the rest per sentence: ``decode_step`` reads
+          the number of beams from the ratio.
         """
         cfg = self.config
         if not 0 < max_len <= cfg.max_len:
             raise ValueError(f"cache max_len={max_len} must be in [1, {cfg.max_len}]")
-        shape = (src.shape[0], max_len, cfg.num_heads, cfg.head_dim)
+        shape = (src.shape[0], cfg.num_heads, max_len, cfg.head_dim)
         layers = []
         for layer in self.decoder_layers:
-            k, v = layer.cross_attention.project_kv(memory)
+            k, v = layer.cross_attention.project_kv_cache(memory)
             zeros = jnp.zeros(shape, cfg.compute_dtype)
             layers.append({"k": zeros, "v": zeros, "cross_k": k, "cross_v": v})
         return {"index": jnp.array(0, jnp.int32), "src_valid": src != 0, "layers": tuple(layers)}
 
     def decode_step(self, ids: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
-        """Runs the decoder on ``ids [B, t]`` (usually t = 1) at the cache's current position.
+        """Runs the decoder on ``ids [R, t]`` (usually t = 1) at the cache's current position.
 
         Positions ``index .. index + t - 1`` must fit in the cache (``init_cache``'s max_len);
-        decoding is deterministic (no dropout).
+        decoding is deterministic (no dropout). R is the cache's self-attention rows: B, or
+        B * n with n beams per sentence (see ``init_cache``).
 
         Returns:
-          ``(logits [B, t, V]`` float32, the cache advanced by t positions).
+          ``(logits [R, t, V]`` float32, the cache advanced by t positions).
         """
         index = cache["index"]
         t = ids.shape[1]
-        length = cache["layers"][0]["k"].shape[1]
+        length = cache["layers"][0]["k"].shape[2]
         positions = index + jnp.arange(t, dtype=jnp.int32)  # [t]
         y = self._embed(ids, jnp.broadcast_to(positions, ids.shape), deterministic=True)
         self_mask = (jnp.arange(length)[None, :] <= positions[:, None])[None, None]  # [1,1,t,L]
         cross_mask = cache["src_valid"][:, None, None, :]  # [B, 1, 1, S]
         new_layers = []
-        for layer, lc in zip(self.decoder_layers, cache["layers"], strict=True):
-            y, self_kv = layer(
-                y,
-                self_mask,
-                (lc["cross_k"], lc["cross_v"]),
-                cross_mask,
-                cache=lc,
-                index=index,
-            )
-            new_layers.append({**lc, **self_kv})
+        for layer, layer_cache in zip(self.decoder_layers, cache["layers"], strict=True):
+            y, layer_cache = layer.step(y, self_mask, cross_mask, layer_cache, index)
+            new_layers.append(layer_cache)
         new_cache = {**cache, "index": index + t, "layers": tuple(new_layers)}
         return self._logits(y), new_cache
 
