@@ -1,7 +1,8 @@
 """Translating a file: ``decode.py`` against a CTranslate2 export of the same checkpoint.
 
     python -m bench.decode_vs_ctranslate2 --workdir=DIR --input=FILE [--reference=FILE] \
-        [--checkpoint=latest] [--beam_size=4] [--alpha=0.6] [--passes=3] [--batch_tokens=4096]
+        [--checkpoint=latest] [--beam_size=4] [--alpha=0.6] [--passes=3] [--batch_tokens=4096] \
+        [--ct2_threads=0]
 
 Needs ``pip install -e ".[ctranslate2]"``. The checkpoint is exported (float32) to a temporary
 directory, then both engines translate the whole file, passes interleaved, medians reported:
@@ -20,6 +21,10 @@ penalty ``--alpha`` (greedy for 1), outputs up to source length + 50 tokens. CTr
 length penalty is ``length ** alpha``, not the project's ``((5 + length) / 6) ** alpha``, and its
 beam stops after ``beam_size`` finished hypotheses, so beam outputs may differ slightly (the
 identical share is printed); greedy outputs are the same up to per-batch length limits.
+
+CTranslate2's OpenMP threads spin while they wait; on a machine shared with other jobs that
+can cost it several times its speed: ``OMP_WAIT_POLICY=PASSIVE`` (inherited by the child) or
+``--ct2_threads=1`` show whether that is happening.
 """
 
 from __future__ import annotations

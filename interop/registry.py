@@ -105,6 +105,9 @@ def convert(input: str, output: str, *, force: bool = False, **options: Any) -> 
     in_kind, in_path = parse_location(input, READERS, "--input")
     out_kind, out_path = parse_location(output, WRITERS, "--output")
     reader, writer = READERS[in_kind], WRITERS[out_kind]
+    source, target = Path(in_path).resolve(), Path(out_path).resolve()
+    if target == source or target in source.parents:
+        raise ConversionError(f"--output={output} would replace the input {in_path}")
     given = {name: value for name, value in options.items() if value is not None}
     for name in given:
         if name not in reader.options and name not in writer.options:

@@ -220,6 +220,10 @@ def test_options_the_kinds_do_not_take_are_refused_before_reading(monkeypatch, t
          "not a CTranslate2 quantization; known: int8"),
         (["--input=workdir:{wd}", "--output=ctranslate2:{existing}"],
          "already exists; pass --force"),
+        (["--input=workdir:{existing}", "--output=ctranslate2:{existing}", "--force"],
+         "would replace the input"),
+        (["--input=workdir:{existing}", "--output=ctranslate2:{tmp}", "--force"],
+         "would replace the input"),
         (["--input=workdir:{wd}", "--output=ctranslate2:{out}", "--checkpoint=999"],
          "no checkpoint for step 999"),
         (["--input=workdir:{no_tokenizer}", "--output=ctranslate2:{out}"], "missing tokenizer"),
@@ -240,7 +244,7 @@ def test_bad_input_is_one_error_line_and_nothing_written(tiny_workdir, tmp_path,
     out = tmp_path / "out"
     paths = dict(
         wd=tiny_workdir, out=out, existing=existing, no_tokenizer=no_tokenizer,
-        no_checkpoint=no_checkpoint,
+        no_checkpoint=no_checkpoint, tmp=tmp_path,
     )  # fmt: skip
     result = run_convert(*[a.format(**paths) for a in args])
     assert result.returncode == 1
