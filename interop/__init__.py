@@ -1,0 +1,13 @@
+"""Conversions between this project's models and other formats (``convert.py``'s library).
+
+* ``interop.common``: ``TransformerBundle`` (config + NumPy params + tokenizer), the error type,
+  atomic output directories.
+* ``interop.workdir``: reads a ``train.py`` workdir at one checkpoint.
+* ``interop.ctranslate2``: writes a CTranslate2 model directory; translates with it as
+  ``decode.py`` does (needs ``pip install -e ".[ctranslate2]"``).
+* ``interop.registry``: the ``KIND:PATH`` input and output kinds and ``convert``.
+"""
+
+from interop.common import ConversionError, TransformerBundle
+
+__all__ = ["ConversionError", "TransformerBundle"]

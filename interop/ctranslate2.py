@@ -1,0 +1,371 @@
+"""Export to CTranslate2, and translating with the export the way ``decode.py`` does.
+
+    bundle = interop.workdir.read_workdir("runs/default")
+    interop.ctranslate2.export(bundle, "runs/default-ct2", quantization="int8")
+
+The model is described with CTranslate2's spec API: ``TransformerSpec.from_config`` filled with
+NumPy arrays inside a ``ctranslate2.converters.Converter``. CT2 linear weights are ``[out, in]``;
+a projection's output features are ordered head-major (``h * K + k``), as ``[D, H, K]`` reshapes.
+
+  Flax parameter (shape)                      CTranslate2 variable (shape)
+  embed/embedding [V, D]                      encoder/embeddings_0, decoder/embeddings and
+                                              decoder/projection (one array, aliased on save),
+                                              scale_embeddings: multiplied by sqrt(D)
+  sinusoidal_positions(max_len, D, layout)    {encoder,decoder}/position_encodings/encodings
+                                              (CT2's own sinusoid is [sin | cos] from position
+                                              1, 500 rows: neither project layout)
+  self_attention query, key, value [D, H, K]  self_attention/linear_0 [3D, D] (q, k, v fused)
+  cross_attention query [D, H, K]             attention/linear_0 [D, D]
+  cross_attention key, value [D, H, K]        attention/linear_1 [2D, D] (k, v fused)
+  *_attention out [H, K, D]                   self_attention/linear_1, attention/linear_2 [D, D]
+  feed_forward wi [D, F], bi [F]              ffn/linear_0 weight [F, D], bias [F]
+  feed_forward wo [F, D], bo [D]              ffn/linear_1 weight [D, F], bias [D]
+  norm_attention | norm_self, norm_cross,     self_attention/layer_norm, attention/layer_norm,
+  norm_ff (scale, bias [D])                   ffn/layer_norm (gamma, beta [D])
+  encoder_norm, decoder_norm (pre-LN only)    {encoder,decoder}/layer_norm
+  layer_norm_epsilon                          config.json layer_norm_epsilon (else CT2 uses 1e-5)
+
+Attention projections have no biases and the output projection none either. The vocabulary is
+the SentencePiece pieces of ids 0..V-1; the decoder starts from the BOS piece; sources are the
+pieces followed by ``</s>``, which callers append (``source_tokens``), as the project does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ctranslate2
+import numpy as np
+from ctranslate2.converters import Converter
+from ctranslate2.specs import common_spec, transformer_spec
+from ctranslate2.specs.model_spec import ACCEPTED_MODEL_TYPES, visit_spec
+
+from data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from interop.common import ConversionError, TransformerBundle, check_new_output, staged_directory
+
+log = logging.getLogger("interop")
+
+QUANTIZATIONS = ACCEPTED_MODEL_TYPES  # int8, int8_float32, ..., int16, float16, bfloat16, float32
+_BFLOAT16 = ("bfloat16", "int8_bfloat16")
+
+
+def check_quantization(quantization: str | None) -> None:
+    """Raises ConversionError unless CTranslate2 knows ``quantization`` (None: float32)."""
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ConversionError(
+            f"--quantization={quantization} is not a CTranslate2 quantization; "
+            f"known: {', '.join(QUANTIZATIONS)}"
+        )
+
+
+def check_expressible(bundle: TransformerBundle) -> None:
+    """Raises ConversionError if CTranslate2's Transformer cannot represent the model."""
+    cfg = bundle.config
+    if cfg.norm not in ("post", "pre"):
+        raise ConversionError(f"norm={cfg.norm!r} has no CTranslate2 equivalent (post or pre)")
+    pieces = bundle.pieces()
+    if len(set(pieces)) != len(pieces):
+        raise ConversionError("the tokenizer has duplicate pieces; CTranslate2 maps tokens by name")
+
+
+class _Params:
+    """Read access to the params tree that remembers what was read, to catch unmapped ones."""
+
+    def __init__(self, tree: dict[str, Any]):
+        self._tree, self._read = tree, set()
+
+    def __call__(self, *path: str) -> np.ndarray:
+        node = self._tree
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                raise ConversionError(f"the parameters have no {'/'.join(path)}")
+            node = node[key]
+        self._read.add(path)
+        return np.array(node, dtype=np.float32, order="C")  # A copy: CT2 quantizes in place.
+
+    def unread(self) -> list[str]:
+        def leaves(node, prefix):
+            if isinstance(node, dict):
+                for key, child in node.items():
+                    yield from leaves(child, (*prefix, key))
+            else:
+                yield prefix
+
+        return ["/".join(p) for p in leaves(self._tree, ()) if p not in self._read]
+
+
+def _in_proj(w: np.ndarray) -> np.ndarray:
+    """``[D, H, K]`` -> CT2 ``[H*K, D]``."""
+    return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
+
+
+def _out_proj(w: np.ndarray) -> np.ndarray:
+    """``[H, K, D]`` -> CT2 ``[D, H*K]``."""
+    return np.ascontiguousarray(w.reshape(-1, w.shape[-1]).T)
+
+
+def _set_norm(spec, p: _Params, *path: str) -> None:
+    spec.gamma, spec.beta = p(*path, "scale"), p(*path, "bias")
+
+
+def _set_ffn(spec, p: _Params, layer: str) -> None:
+    spec.linear_0.weight = np.ascontiguousarray(p(layer, "feed_forward", "wi").T)
+    spec.linear_0.bias = p(layer, "feed_forward", "bi")
+    spec.linear_1.weight = np.ascontiguousarray(p(layer, "feed_forward", "wo").T)
+    spec.linear_1.bias = p(layer, "feed_forward", "bo")
+    _set_norm(spec.layer_norm, p, layer, "norm_ff")
+
+
+def _set_self_attention(spec, p: _Params, layer: str, norm: str) -> None:
+    qkv = [_in_proj(p(layer, "self_attention", name)) for name in ("query", "key", "value")]
+    spec.linear[0].weight = np.concatenate(qkv, axis=0)
+    spec.linear[1].weight = _out_proj(p(layer, "self_attention", "out"))
+    _set_norm(spec.layer_norm, p, layer, norm)
+
+
+def _set_cross_attention(spec, p: _Params, layer: str) -> None:
+    spec.linear[0].weight = _in_proj(p(layer, "cross_attention", "query"))
+    kv = [_in_proj(p(layer, "cross_attention", name)) for name in ("key", "value")]
+    spec.linear[1].weight = np.concatenate(kv, axis=0)
+    spec.linear[2].weight = _out_proj(p(layer, "cross_attention", "out"))
+    _set_norm(spec.layer_norm, p, layer, "norm_cross")
+
+
+def make_spec(bundle: TransformerBundle) -> transformer_spec.TransformerSpec:
+    """The CTranslate2 TransformerSpec of a bundle, float32 (see the module docstring).
+
+    Raises:
+      ConversionError: the model has a parameter with no place in the spec, or misses one.
+    """
+    from model.layers import sinusoidal_positions  # JAX: only where a model is exported.
+
+    check_expressible(bundle)
+    cfg, p = bundle.config, _Params(bundle.params)
+    spec = transformer_spec.TransformerSpec.from_config(
+        (cfg.num_encoder_layers, cfg.num_decoder_layers),
+        cfg.num_heads,
+        pre_norm=cfg.norm == "pre",
+        activation=common_spec.Activation.RELU,
+    )
+    pieces = bundle.pieces()
+    spec.config.layer_norm_epsilon = float(cfg.layer_norm_epsilon)
+    spec.config.unk_token = pieces[UNK_ID]
+    spec.config.bos_token = pieces[BOS_ID]
+    spec.config.eos_token = pieces[EOS_ID]
+    spec.config.decoder_start_token = pieces[BOS_ID]
+    spec.config.add_source_bos = spec.config.add_source_eos = False
+
+    embedding = p("embed", "embedding")  # [V, D]
+    table = sinusoidal_positions(cfg.max_len, cfg.d_model, cfg.positional_encoding)
+    for side in (spec.encoder, spec.decoder):
+        side.scale_embeddings = True  # x sqrt(D), then + positions, as Transformer._embed
+        side.position_encodings.encodings = np.array(table, np.float32)  # [max_len, D]
+    spec.encoder.embeddings[0].weight = embedding
+    spec.decoder.embeddings.weight = embedding.copy()  # Equal arrays are aliased on save.
+    spec.decoder.projection.weight = embedding.copy()  # tied, no bias: logits = y E^T
+
+    for i, layer in enumerate(spec.encoder.layer):
+        _set_self_attention(layer.self_attention, p, f"encoder_layers_{i}", "norm_attention")
+        _set_ffn(layer.ffn, p, f"encoder_layers_{i}")
+    for i, layer in enumerate(spec.decoder.layer):
+        _set_self_attention(layer.self_attention, p, f"decoder_layers_{i}", "norm_self")
+        _set_cross_attention(layer.attention, p, f"decoder_layers_{i}")
+        _set_ffn(layer.ffn, p, f"decoder_layers_{i}")
+    if cfg.norm == "pre":
+        _set_norm(spec.encoder.layer_norm, p, "encoder_norm")
+        _set_norm(spec.decoder.layer_norm, p, "decoder_norm")
+    unread = p.unread()
+    if unread:
+        raise ConversionError(
+            f"parameters with no CTranslate2 counterpart: {', '.join(unread[:5])}"
+            + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
+        )
+    spec.register_source_vocabulary(pieces)
+    spec.register_target_vocabulary(pieces)
+    return spec
+
+
+class BundleConverter(Converter):
+    """A ``ctranslate2.converters.Converter`` for a TransformerBundle.
+
+    Args:
+      bundle: the model.
+      quantization: the quantization ``convert`` will be called with. CTranslate2 casts to
+        bfloat16 with PyTorch; without it, the arrays are cast here with ``ml_dtypes``.
+    """
+
+    def __init__(self, bundle: TransformerBundle, quantization: str | None = None):
+        self.bundle, self.quantization = bundle, quantization
+        self._spec = None
+
+    def spec(self) -> transformer_spec.TransformerSpec:
+        """The filled spec, built once (so that errors come before anything is written)."""
+        if self._spec is None:
+            spec = make_spec(self.bundle)
+            if self.quantization in _BFLOAT16:
+                import ml_dtypes
+
+                def cast(layer, name, value):
+                    key = name.split("/")[-1]
+                    if self.quantization == "int8_bfloat16" and hasattr(layer, f"{key}_scale"):
+                        return  # Quantized to int8 from float32 by CT2.
+                    if isinstance(value, np.ndarray) and value.dtype == np.float32:
+                        setattr(layer, key, value.astype(ml_dtypes.bfloat16))
+
+                visit_spec(spec, cast)
+            path = self.bundle.tokenizer_path
+            if path is not None and path.is_file():
+                spec.register_file(str(path), "tokenizer.model")
+            self._spec = spec
+        return self._spec
+
+    def _load(self):
+        return self.spec()
+
+
+def check_output(output: str | Path, force: bool = False, quantization: str | None = None):
+    """The checks ``export`` makes before anything is read or written (fast, for the CLI)."""
+    check_quantization(quantization)
+    check_new_output(output, force)
+
+
+def export(
+    bundle: TransformerBundle,
+    output: str | Path,
+    *,
+    quantization: str | None = None,
+    force: bool = False,
+) -> Path:
+    """Writes a CTranslate2 model directory (``model.bin``, ``config.json``,
+    ``shared_vocabulary.json``, and the tokenizer as ``tokenizer.model``).
+
+    The directory is written beside ``output`` and renamed into place when complete.
+
+    Args:
+      bundle: the model.
+      output: the directory to create.
+      quantization: weight type (``QUANTIZATIONS``); None keeps float32.
+      force: replace an existing ``output``.
+
+    Returns:
+      ``output`` as a Path.
+
+    Raises:
+      ConversionError: bad quantization, existing output without ``force``, or a model CT2
+        cannot represent; nothing is written then.
+    """
+    check_output(output, force, quantization)
+    converter = BundleConverter(bundle, quantization)
+    converter.spec()  # Build (and check) the spec before touching the disk.
+    with staged_directory(output, force) as stage:
+        converter.convert(str(stage), quantization=quantization, force=True)  # Fills `stage`.
+    log.info("wrote %s (%s) from %s", output, quantization or "float32", bundle.description)
+    return Path(output)
+
+
+# --- Translating with the export as decode.py translates -----------------------------------
+
+
+def source_tokens(tokenizer: Tokenizer, text: str, max_len: int) -> list[str]:
+    """The encoder input of ``decode.py``: pieces then ``</s>``, at most ``max_len - 1`` tokens
+    (longer sources lose their tail, EOS stays last); ``[]`` for a text with no pieces."""
+    ids = tokenizer.encode(text)
+    if not ids:
+        return []
+    ids = [*ids[: max(2, max_len - 1) - 1], EOS_ID]
+    return [tokenizer.id_to_piece(i) for i in ids]
+
+
+def max_decoding_length(source_length: int, max_len: int, extra_len: int = 50) -> int:
+    """CT2's ``max_decoding_length`` for the project's output limit (EOS counted).
+
+    The project forces EOS at its limit ``L = min(source_length + extra_len, max_len)``
+    (source length with EOS), so at most ``L - 1`` real tokens; CT2 stops after
+    ``max_decoding_length`` tokens without forcing EOS, hence ``L - 1``.
+    """
+    return max(1, min(source_length + extra_len, max_len) - 1)
+
+
+def gnmt_score(ct2_score: float, length: int, alpha: float) -> float:
+    """A CT2 beam score (``log P / length ** alpha``) rescored with the project's GNMT penalty
+    (``log P / ((5 + length) / 6) ** alpha``); ``length`` counts EOS, as both engines do."""
+    return ct2_score * length**alpha / ((5.0 + length) / 6.0) ** alpha
+
+
+def translate(
+    translator: ctranslate2.Translator,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    *,
+    max_len: int,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+    batch_tokens: int = 4096,
+    extra_len: int = 50,
+    rescore: bool = True,
+) -> list[str]:
+    """Translates ``texts`` with a CTranslate2 export, in order, like ``decode.py``.
+
+    Sources are sorted by length and batched under a ``batch_tokens`` budget (rows x longest);
+    each batch gets the output limit of its longest source. Texts without pieces give "".
+
+    CTranslate2's ``length_penalty`` divides by ``length ** alpha``, the project by GNMT's
+    ``((5 + length) / 6) ** alpha`` (EOS counted in both), and no CT2 setting gives the latter.
+    The beam itself ranks by log-probability in both, and with a non-zero penalty CT2 stops
+    once ``beam_size`` hypotheses have finished; so with ``rescore`` all of them are returned
+    and the best by the GNMT score is kept. What remains different: the project keeps searching
+    until no live hypothesis can beat its best, and keeps ``<pad>``'s share of the softmax where
+    CT2 renormalises without it (suppressed: neither engine emits it). Greedy search
+    (``beam_size=1``) with one sentence per batch gives the project's outputs exactly.
+
+    Args:
+      translator: a ``ctranslate2.Translator`` over an export of the model.
+      tokenizer: the model's tokenizer.
+      texts: source sentences.
+      max_len: the model's ``max_len`` (longest source and output, EOS included).
+      beam_size: 1 for greedy search.
+      alpha: the length-penalty exponent.
+      batch_tokens: source-token budget per ``translate_batch`` call (at least one sentence).
+      extra_len: outputs may be this much longer than their source.
+      rescore: pick among CT2's finished hypotheses by the GNMT score (beam search only).
+
+    Returns:
+      One detokenized translation per text.
+    """
+    sources = [source_tokens(tokenizer, t, max_len) for t in texts]
+    ids = {tokenizer.id_to_piece(i): i for i in range(tokenizer.vocab_size)}
+    order = sorted((i for i, s in enumerate(sources) if s), key=lambda i: len(sources[i]))
+    rescore = rescore and beam_size > 1 and alpha != 0
+    outputs = [""] * len(texts)
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end - start + 1) * len(sources[order[end]]) <= batch_tokens:
+            end += 1
+        batch = order[start:end]
+        results = translator.translate_batch(
+            [sources[i] for i in batch],
+            beam_size=beam_size,
+            num_hypotheses=beam_size if rescore else 1,
+            length_penalty=alpha,
+            max_decoding_length=max_decoding_length(len(sources[batch[-1]]), max_len, extra_len),
+            min_decoding_length=0,  # The project may end with EOS at once (CT2's default is 1).
+            max_input_length=0,
+            suppress_sequences=[[tokenizer.id_to_piece(PAD_ID)]],
+            return_scores=rescore,
+            return_end_token=True,  # So that the hypothesis length counts EOS.
+        )
+        for i, result in zip(batch, results, strict=True):
+            best = 0
+            if rescore:
+                scores = [
+                    gnmt_score(score, len(hyp), alpha)
+                    for hyp, score in zip(result.hypotheses, result.scores, strict=True)
+                ]
+                best = int(np.argmax(scores))
+            outputs[i] = tokenizer.decode([ids[piece] for piece in result.hypotheses[best]])
+        start = end
+    return outputs

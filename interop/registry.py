@@ -1,0 +1,121 @@
+"""The kinds of model ``convert.py`` reads (``--input=KIND:PATH``) and writes (``--output=``).
+
+Each kind names the options it takes; an option given for a conversion whose kinds do not take
+it is refused before anything is read. A writer's ``check`` runs first too (does the output
+exist, is the option value valid), so bad input fails in a moment with one line. To add a kind,
+add an entry to ``READERS`` or ``WRITERS``; import its module inside the functions, so that an
+optional dependency is only needed by the conversions that use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from interop.common import ConversionError, TransformerBundle
+
+
+@dataclasses.dataclass(frozen=True)
+class Reader:
+    """An input kind: ``read(path, **options) -> TransformerBundle``."""
+
+    help: str
+    options: tuple[str, ...]
+    read: Callable[..., TransformerBundle]
+
+
+@dataclasses.dataclass(frozen=True)
+class Writer:
+    """An output kind: ``check(path, force, **options)`` before reading the input (raises
+    ConversionError), then ``write(bundle, path, force, **options) -> Path``."""
+
+    help: str
+    options: tuple[str, ...]
+    check: Callable[..., None]
+    write: Callable[..., Path]
+
+
+def _ctranslate2():
+    try:
+        from interop import ctranslate2
+    except ImportError as err:
+        if err.name is None or not err.name.startswith("ctranslate2"):
+            raise
+        raise ConversionError(
+            "--output=ctranslate2: needs the ctranslate2 package: pip install -e '.[ctranslate2]'"
+        ) from None
+    return ctranslate2
+
+
+def _read_workdir(path: str, checkpoint: str | None = None) -> TransformerBundle:
+    from interop.workdir import read_workdir
+
+    return read_workdir(path, checkpoint)
+
+
+READERS: dict[str, Reader] = {
+    "workdir": Reader(
+        help="a train.py workdir (model_config.json, tokenizer.model, checkpoints)",
+        options=("checkpoint",),
+        read=_read_workdir,
+    ),
+}
+
+WRITERS: dict[str, Writer] = {
+    "ctranslate2": Writer(
+        help="a CTranslate2 model directory",
+        options=("quantization",),
+        check=lambda path, force, **o: _ctranslate2().check_output(path, force, **o),
+        write=lambda bundle, path, force, **o: _ctranslate2().export(
+            bundle, path, force=force, **o
+        ),
+    ),
+}
+
+
+def parse_location(value: str, kinds: dict[str, Any], flag: str) -> tuple[str, str]:
+    """Splits ``KIND:PATH``; raises ConversionError for a missing or unknown kind or path."""
+    kind, sep, path = (value or "").partition(":")
+    known = ", ".join(f"{k}:" for k in kinds)
+    if not sep or kind not in kinds:
+        raise ConversionError(f"{flag}={value}: expected KIND:PATH with KIND one of {known}")
+    if not path:
+        raise ConversionError(f"{flag}={value}: the path after {kind}: is empty")
+    return kind, path
+
+
+def convert(input: str, output: str, *, force: bool = False, **options: Any) -> Path:
+    """Reads ``input`` (``KIND:PATH``) and writes ``output`` (``KIND:PATH``).
+
+    Args:
+      input: e.g. ``workdir:runs/default``.
+      output: e.g. ``ctranslate2:runs/default-ct2``.
+      force: replace an existing output.
+      **options: conversion options; None means not given (``checkpoint``, ``quantization``).
+
+    Returns:
+      The written path.
+
+    Raises:
+      ConversionError: unknown kinds, options the kinds do not take, bad values, an existing
+        output without ``force``, an unreadable input or a model the output cannot represent.
+    """
+    in_kind, in_path = parse_location(input, READERS, "--input")
+    out_kind, out_path = parse_location(output, WRITERS, "--output")
+    reader, writer = READERS[in_kind], WRITERS[out_kind]
+    source, target = Path(in_path).resolve(), Path(out_path).resolve()
+    if target == source or target in source.parents:
+        raise ConversionError(f"--output={output} would replace the input {in_path}")
+    given = {name: value for name, value in options.items() if value is not None}
+    for name in given:
+        if name not in reader.options and name not in writer.options:
+            raise ConversionError(
+                f"--{name} does not apply to --input={in_kind}: or --output={out_kind}: "
+                f"(they take: {', '.join(f'--{o}' for o in reader.options + writer.options)})"
+            )
+    writer_options = {k: v for k, v in given.items() if k in writer.options}
+    writer.check(out_path, force, **writer_options)
+    bundle = reader.read(in_path, **{k: v for k, v in given.items() if k in reader.options})
+    return writer.write(bundle, out_path, force, **writer_options)

@@ -1,0 +1,35 @@
+"""The decode.py vs CTranslate2 benchmark runs end to end on the tiny workdir."""
+
+import pytest
+
+pytest.importorskip("ctranslate2")
+
+from bench import decode_vs_ctranslate2  # noqa: E402
+
+SOURCES = ["Jesus wept.", "God is love.", "", "In the beginning God created the heavens."]
+REFERENCES = ["Jesús lloró.", "Dios es amor.", "", "En el principio creó Dios los cielos."]
+
+
+def test_benchmark_prints_both_engines_and_their_ratio(tiny_workdir, tmp_path, capsys):
+    src, ref = tmp_path / "in.en", tmp_path / "ref.es"
+    src.write_text("\n".join(SOURCES) + "\n", encoding="utf-8")
+    ref.write_text("\n".join(REFERENCES) + "\n", encoding="utf-8")
+    decode_vs_ctranslate2.main(
+        [f"--workdir={tiny_workdir}", f"--input={src}", f"--reference={ref}", "--passes=1",
+         "--beam_size=2", "--ct2_threads=1"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    print(out)
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
+    assert "beam 2, alpha 0.6" in out
+    for engine in ("decode.py", "ctranslate2", "project/CT2"):
+        assert len(rows[engine]) == 7, out  # 4 speeds, compile s, peak RSS, BLEU
+    assert float(rows["decode.py"][0]) > 0 and float(rows["ctranslate2"][0]) > 0
+    assert float(rows["ctranslate2"][5]) > 10  # peak RSS in MiB, of the child process
+    assert "4 sentences, medians of 1 passes" in out
+
+
+def test_lines_are_read_like_decode_py(tmp_path):
+    path = tmp_path / "win.txt"
+    path.write_bytes("\ufeffone\r\ntwo\r\n\r\nfour\u2028still four\n".encode())
+    assert decode_vs_ctranslate2.read_lines(path) == ["one", "two", "", "four\u2028still four"]
