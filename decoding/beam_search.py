@@ -59,8 +59,7 @@ def beam_search(
     max_len: int,
     max_lengths: jax.Array | None = None,
     n_best: int = 1,
-    max_unfinished: int | None = None,
-) -> tuple[jax.Array, ...]:
+) -> tuple[jax.Array, jax.Array]:
     """Finds the ``n_best`` best-scoring outputs of each sentence (see the module docstring).
 
     Args:
@@ -76,29 +75,18 @@ def beam_search(
       max_len: static T, the width of the output and the most steps taken.
       max_lengths: optional ``[B]`` int per-sentence limits on n (capped at ``max_len``).
       n_best: N <= K, how many hypotheses to return per sentence, static.
-      max_unfinished: None (a full search: limits are capped at ``max_len`` and the loop runs
-        until every sentence is finished), or a static m >= 0 for a *partial* search: limits
-        may exceed ``max_len`` (they still decide scores, forced EOS and early stopping exactly
-        as in a full search), the loop stops after ``max_len`` steps or once at most m
-        sentences are unfinished, and a third output says which sentences are finished. Their
-        results are those of a full search (a finished sentence's hypotheses never change
-        afterwards); the others are to be searched again, fully. A batch then pays neither for
-        its slowest sentences nor for a cache sized for the rare long output.
 
     Returns:
-      ``(sequences [B, N, T] int32, scores [B, N] float32)``, best first, and for a partial
-      search ``finished [B] bool``. Sequences end with EOS, then 0s. Scores are
-      ``log P(y | x) / lp(n)`` as above; where a sentence has fewer than N possible outputs (a
-      tiny limit and vocabulary) the missing ones have score -inf and no tokens.
+      ``(sequences [B, N, T] int32, scores [B, N] float32)``, best first. Sequences end with
+      EOS, then 0s. Scores are ``log P(y | x) / lp(n)`` as above; where a sentence has fewer
+      than N possible outputs (a tiny limit and vocabulary) the missing ones have score -inf
+      and no tokens.
     """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"need 1 <= n_best <= beam_size, got {n_best=}, {beam_size=}")
     check_cache(cache, batch_size)
     b, k, t = batch_size, beam_size, max_len
-    if max_unfinished is None:
-        limits = length_limits(max_lengths, b, t)
-    else:  # A partial search keeps the true limits, beyond the steps it takes.
-        limits = length_limits(max_lengths, b, jnp.iinfo(jnp.int32).max)
+    limits = length_limits(max_lengths, b, t)
     best_limit_lp = length_penalty(limits, alpha)  # [B]
 
     # Only beam 0 is live at first, so the K copies of BOS do not fill the beam with duplicates.
@@ -112,16 +100,13 @@ def beam_search(
         "done_scores": jnp.full((b, k), NEG_INF, jnp.float32),
     }
 
-    def finished(state) -> jax.Array:
+    def cond(state):
         i = state["i"]
         best_live = jnp.max(state["live_logp"], axis=1)  # [B]
         reachable = best_live / jnp.maximum(length_penalty(i + 1, alpha), best_limit_lp)
         settled = state["done_scores"][:, n_best - 1] >= reachable
-        return (best_live < NEG_INF / 2) | settled | (i >= limits)
-
-    def cond(state):
-        unfinished = jnp.sum(~finished(state))
-        return (state["i"] < t) & (unfinished > (max_unfinished or 0))
+        finished = (best_live < NEG_INF / 2) | settled | (i >= limits)
+        return (i < t) & ~jnp.all(finished)
 
     def body(state):
         i = state["i"]
@@ -170,10 +155,7 @@ def beam_search(
     scores = final["done_scores"][:, :n_best]
     found = scores > NEG_INF / 2
     seqs = jnp.where(found[:, :, None], final["done_seqs"][:, :n_best], 0)
-    scores = jnp.where(found, scores, -jnp.inf)
-    if max_unfinished is None:
-        return seqs, scores
-    return seqs, scores, finished(final)
+    return seqs, jnp.where(found, scores, -jnp.inf)
 
 
 def _top_k(scores: jax.Array, values, k: int):

@@ -74,10 +74,6 @@ class Translator:
       search: a SearchConfig.
       mesh: optional device mesh; batches are split along its data x fsdp axes.
       tokens_per_batch: source-token budget per batch (rows x width).
-      first_pass: beam search in two passes (the default): a short partial search per batch
-        (``first_pass_length`` steps, stopping once an eighth of its sentences are left), then
-        a full search of the sentences it left unfinished. The translations are exactly those
-        of one full search; False runs the full search only (to check that).
     """
 
     def __init__(
@@ -88,7 +84,6 @@ class Translator:
         *,
         mesh: Mesh | None = None,
         tokens_per_batch: int = 4096,
-        first_pass: bool = True,
     ):
         if tokenizer.vocab_size != model.config.vocab_size:
             raise ValueError(
@@ -98,11 +93,9 @@ class Translator:
         self.model, self.tokenizer, self.search, self.mesh = model, tokenizer, search, mesh
         self.tokens_per_batch = tokens_per_batch
         self._shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-        self.first_pass = first_pass
-        self._run = jax.jit(self._search, static_argnames=("max_len", "max_unfinished"))
+        self._run = jax.jit(self._search, static_argnames="max_len")
 
-    def _search(self, params, src, max_lengths, rng, max_len, max_unfinished=None):
-        """``(ids [B, N, max_len], scores [B, N], finished [B])`` for one batch."""
+    def _search(self, params, src, max_lengths, rng, max_len):
         s, tok = self.search, self.tokenizer
         fn, cache = cached_decoder(self.model, {"params": params}, src, max_len)
         common = dict(
@@ -110,19 +103,16 @@ class Translator:
             max_lengths=max_lengths,
         )  # fmt: skip
         if s.method == "beam":
-            out = beam_search(
-                fn, cache, beam_size=s.beam_size, alpha=s.alpha, n_best=s.n_best,
-                max_unfinished=max_unfinished, **common,
-            )  # fmt: skip
-            return out if max_unfinished is not None else (*out, jnp.ones(src.shape[0], bool))
+            return beam_search(
+                fn, cache, beam_size=s.beam_size, alpha=s.alpha, n_best=s.n_best, **common
+            )
         if s.method == "greedy":
             ids, _ = greedy_search(fn, cache, **common)
         else:
             ids, _ = sample(
                 fn, cache, rng, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, **common
             )
-        zeros = jnp.zeros((ids.shape[0], 1), jnp.float32)
-        return ids[:, None, :], zeros, jnp.ones(src.shape[0], bool)
+        return ids[:, None, :], jnp.zeros((ids.shape[0], 1), jnp.float32)
 
     def batches(self, sources: Sequence[str]) -> list[dict[str, np.ndarray]]:
         """The padded, length-sorted batches ``translate`` runs on (exposed for tests)."""
@@ -168,60 +158,34 @@ class Translator:
         """
         if not sources:
             return []
-        rng = jax.random.fold_in(jax.random.key(self.search.seed), first_line)
-        two_pass = self.search.method == "beam" and self.first_pass
-        with use_mesh(self.mesh):
-            batches = self.batches(sources)
-            indices, outputs = self._decode(params, batches, rng, partial=two_pass)
-            # Pass 2: the sentences the short first pass left unfinished, searched fully.
-            retry = np.concatenate([i[i < -1] for i in indices]) * -1 - 2
-            if len(retry):
-                again = self.batches([sources[i] for i in retry])
-                for batch in again:
-                    real = batch["index"] >= 0
-                    batch["index"] = np.where(real, retry[np.maximum(batch["index"], 0)], -1)
-                more = self._decode(params, again, rng, partial=False)  # beam: no keys
-                indices, outputs = indices + more[0], outputs + more[1]
-        indices = [np.maximum(i, -1) for i in indices]
-        return restore_order(indices, outputs, len(sources))
-
-    def _decode(self, params, batches, rng, *, partial: bool):
-        """Runs every batch (all dispatched before the first is read back); returns each
-        batch's ``index`` and outputs. With ``partial``, each batch takes a short first pass
-        (see ``first_pass_length``) that stops once an eighth of its rows are unfinished; an
-        unfinished row's index ``i`` comes back as ``-2 - i``."""
         cfg, extra = self.model.config, self.search.extra_len
+        rng = jax.random.fold_in(jax.random.key(self.search.seed), first_line)
         pending = []
-        for i, batch in enumerate(batches):
-            src = batch["inputs"]
-            length, limits = self.output_limits(src)
-            real = batch["index"] >= 0
-            cut = int(np.sum(real & (np.sum(src > 0, axis=1) + extra > length)))
-            if cut:
-                log.warning(
-                    "%d sentences may produce fewer than source length + %d tokens: the "
-                    "model's position table ends at max_len=%d",
-                    cut, extra, cfg.max_len,
-                )  # fmt: skip
-            steps, max_unfinished = length, None
-            if partial:
-                steps = min(length, first_pass_length(src.shape[1]))
-                max_unfinished = src.shape[0] // 8
-            out = self._run(
-                params,
-                place_batch(src, self.mesh),
-                place_batch(limits, self.mesh),
-                jax.random.fold_in(rng, i),
-                steps,
-                max_unfinished,
-            )
-            pending.append((batch, out))  # dispatched; read back below
-        indices, outputs = [], []
-        for batch, (ids, scores, finished) in pending:
-            outputs.append(self._detokenize(batch["inputs"], _to_host(ids), _to_host(scores)))
-            index = batch["index"]
-            indices.append(np.where(_to_host(finished) | (index < 0), index, -2 - index))
-        return indices, outputs
+        with use_mesh(self.mesh):
+            for i, batch in enumerate(self.batches(sources)):
+                src = batch["inputs"]
+                length, limits = self.output_limits(src)
+                real = batch["index"] >= 0
+                cut = int(np.sum(real & (np.sum(src > 0, axis=1) + extra > length)))
+                if cut:
+                    log.warning(
+                        "%d sentences may produce fewer than source length + %d tokens: the "
+                        "model's position table ends at max_len=%d",
+                        cut, extra, cfg.max_len,
+                    )  # fmt: skip
+                out = self._run(
+                    params,
+                    place_batch(src, self.mesh),
+                    place_batch(limits, self.mesh),
+                    jax.random.fold_in(rng, i),
+                    length,
+                )
+                pending.append((batch, out))  # dispatched; read back below
+            indices, outputs = [], []
+            for batch, (ids, scores) in pending:
+                outputs.append(self._detokenize(batch["inputs"], _to_host(ids), _to_host(scores)))
+                indices.append(batch["index"])
+        return restore_order(indices, outputs, len(sources))
 
     def _detokenize(self, src: np.ndarray, ids: np.ndarray, scores: np.ndarray):
         rows = []
@@ -232,15 +196,6 @@ class Translator:
             texts = self.tokenizer.decode_batch(ids[r].tolist())
             rows.append(list(zip(texts, scores[r].astype(float).tolist(), strict=True)))
         return rows
-
-
-def first_pass_length(width: int) -> int:
-    """Steps (and cache positions) of the first pass for sources padded to ``width``.
-
-    Translations are rarely much longer than their source, while the paper's limit (source +
-    50) sizes a full search's cache and per-step cost for the rare runaway output.
-    """
-    return -(-(width + width // 4 + 8) // 8) * 8
 
 
 def _to_host(x: jax.Array) -> np.ndarray:

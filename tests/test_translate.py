@@ -65,11 +65,6 @@ def test_translator_equals_the_plain_uncached_search(tiny_loaded, search):
     translator = Translator(model, tokenizer, search, tokens_per_batch=192)
     assert len({b["inputs"].shape for b in translator.batches(LINES)}) > 1  # several shapes
     fast = translator.translate(params, LINES)
-    if search.method == "beam":  # the short first pass leaves some sentences to the second
-        indices, _ = translator._decode(
-            params, translator.batches(LINES), jax.random.key(0), partial=True
-        )
-        assert sum(int((i < -1).sum()) for i in indices) > 0
     slow = reference(model, params, tokenizer, translator, search)
     for i, (got, (texts, scores)) in enumerate(zip(fast, slow, strict=True)):
         if not LINES[i].strip():
