@@ -133,7 +133,7 @@ def test_corrupt_checkpoint_is_set_aside_and_previous_one_used(tmp_path, caplog)
             f.write_bytes(b"\0" * 7)
     cfg.num_train_steps = 6
     train.train_and_evaluate(cfg, tmp_path)
-    assert "checkpoint" in caplog.text and "unreadable" in caplog.text
+    assert "checkpoint" in caplog.text and "is damaged" in caplog.text
     assert list((tmp_path / "corrupt_checkpoints").iterdir())[0].name.startswith("4-")
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     resumed = [r["step"] for r in rows if "loss" in r][4:]
