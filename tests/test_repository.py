@@ -1,5 +1,6 @@
 """The repository stands on its own: no paths outside it, its fixture corpus, no skipped tests."""
 
+import re
 import subprocess
 import sys
 
@@ -59,3 +60,24 @@ def test_a_skipped_test_fails_the_suite(tmp_path):
     assert result.returncode == 1, result.stdout[-2000:]
     assert "1 failed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
     assert "zero skips" in result.stdout and "no widget here" in result.stdout
+
+
+def test_every_test_the_readme_table_names_exists():
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("## What happens when")[1].split("\n## ")[0]
+    rows = [
+        line for line in table.splitlines() if line.startswith("| ") and "pinned by" not in line
+    ]
+    assert len(rows) >= 15
+    named = 0
+    for row in rows:
+        pinned = row.rstrip(" |").split(" | ")[-1]
+        assert "test_" in pinned, row
+        current = None
+        for ref in re.findall(r"`([^`]+)`", pinned):
+            file, _, name = ref.partition("::")
+            current = file or current
+            source = (REPO / "tests" / current).read_text()
+            assert not name or re.search(rf"^def {name}\(", source, re.M), f"{current}::{name}"
+            named += 1
+    assert named >= 25

@@ -110,6 +110,15 @@ def test_a_checkpoint_of_another_optimizer_is_refused_and_nothing_moves(workdir)
     assert snapshot(workdir) == before
 
 
+def test_a_workdir_of_another_model_is_refused_and_nothing_moves(workdir):
+    before = snapshot(workdir)
+    cfg = tiny_config(**SETTINGS)
+    cfg.model.overrides.d_ff = 128
+    with pytest.raises(ValueError, match=r"describes a different model .*'d_ff': \(64, 128\)"):
+        train.train_and_evaluate(cfg, workdir)
+    assert snapshot(workdir) == before
+
+
 def test_a_checkpoint_of_another_batch_layout_is_refused(workdir):
     with pytest.raises(checkpoints.CheckpointMismatchError, match="batches: saved with") as info:
         train.train_and_evaluate(tiny_config(**SETTINGS, tokens_per_step=4096), workdir)
