@@ -5,7 +5,10 @@
 Rerunning the same command resumes from the newest readable checkpoint in the workdir: the
 parameters, Adam's moments, the step and the input iterator's position are restored, and the
 dropout masks of step s are a function of (seed, s), so a run killed at any moment continues as
-if it had never stopped. SIGTERM / SIGINT save a checkpoint and exit with 128 + signal.
+if it had never stopped. SIGTERM / SIGINT save a checkpoint and exit with 128 + signal. A damaged
+checkpoint is set aside for the one before it; one that does not fit the configuration (say,
+another optimizer) stops the run naming the differences, and --config.init_from=OLD_WORKDIR
+starts a new workdir from its parameters with a fresh optimizer (see training/resume.py).
 
 Several hosts: start the same command on each with --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I (or rely on the cluster environment JAX detects).
@@ -13,9 +16,7 @@ Several hosts: start the same command on each with --coordinator_address=HOST:PO
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
 import math
 import resource
@@ -36,9 +37,10 @@ from ml_collections import config_flags
 import data
 from model import Transformer, make_mesh, use_mesh
 from model.compilation import enable_compilation_cache
-from training import checkpoints, evaluation
+from training import checkpoints, evaluation, resume
+from training.loop_tools import StopSignal, Window
 from training.metrics import MetricsWriter, Stopwatch
-from training.state import init_state, make_optimizer, model_config, state_shardings
+from training.state import make_optimizer, model_config, state_shardings
 from training.step import jit_train_step, make_eval_step, train_batch_sharding, train_flops_per_step
 
 log = logging.getLogger("train")
@@ -46,51 +48,6 @@ log = logging.getLogger("train")
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the training loss becomes NaN or infinite."""
-
-
-class _StopSignal:
-    """Remembers SIGTERM/SIGINT so the loop can save and exit at a step boundary."""
-
-    def __init__(self):
-        self.signum = None
-        self._previous = {
-            sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)
-        }
-
-    def restore(self) -> None:
-        """Reinstates the previous handlers (train_and_evaluate may be a library call)."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-        log.warning("received %s: saving a checkpoint and stopping", signal.Signals(signum).name)
-
-    def agreed(self) -> bool:
-        """Whether any process was signalled (all processes stop at the same step)."""
-        flag = np.array([self.signum is not None], np.int32)
-        if jax.process_count() > 1:
-            flag = multihost_utils.process_allgather(flag)
-        return bool(np.any(flag))
-
-
-def _write_config(workdir: Path, config: ml_collections.ConfigDict, model_cfg) -> None:
-    """Saves the resolved configs; refuses to resume with a different model."""
-    model_path = workdir / "model_config.json"
-    model_json = model_cfg.to_dict()
-    if model_path.exists():
-        saved = json.loads(model_path.read_text())
-        if saved != model_json:
-            diff = {k: (saved.get(k), v) for k, v in model_json.items() if saved.get(k) != v}
-            raise ValueError(
-                f"{model_path} describes a different model than this config (field: (saved, "
-                f"new)): {diff}; use a new --workdir or the original config"
-            )
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-        model_path.write_text(json.dumps(model_json, indent=2) + "\n")
 
 
 def _next_batch(iterator, micro_batches: int) -> dict[str, np.ndarray]:
@@ -115,19 +72,20 @@ class _Run:
     clock: Stopwatch
     flops: float  # model FLOPs of one step
     best_bleu: float
+    batch: dict  # the batch layout, saved with each checkpoint
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Runs (or resumes) training; returns the last metrics row written."""
     wall = time.monotonic()
     run = _setup(config, Path(workdir))
-    stop = _StopSignal()
+    stop = StopSignal()
     try:
         with use_mesh(run.mesh):
             last_row = _loop(run, stop)
     finally:
         # Whatever stops the loop (an error, a signal), the last good checkpoint must be durable.
-        run.mngr.wait_until_finished()
+        checkpoints.finish(run.mngr)
         run.writer.close()
         stop.restore()
     step = int(run.state.step)
@@ -141,6 +99,11 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
     train_pairs = data.open_split(config.data, "train")
     dev_pairs = data.open_split(config.data, "dev")
     tokenizer_path = workdir / "tokenizer.model"
+    if config.get("init_from"):
+        source, _ = resume.parse_init_from(config.init_from, workdir)  # refuses a bad value
+        if not resume.has_checkpoints(workdir):
+            # Fine-tuning: parameters only make sense with the tokenizer they were trained with.
+            resume.copy_tokenizer(source, tokenizer_path)
     if jax.process_index() == 0:  # one process trains it; the others load the same file
         data.load_or_train(
             tokenizer_path, train_pairs, vocab_size=config.vocab_size, seed=config.seed
@@ -153,17 +116,11 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
         raise ValueError(
             f"config.max_len={config.max_len} exceeds the model's max_len={model_cfg.max_len}"
         )
-    _write_config(workdir, config, model_cfg)
+    resume.check_model_config(workdir, model_cfg)
     model = Transformer(model_cfg)
 
     mesh = make_mesh(**config.mesh)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    accum = config.grad_accum_steps
-    rows = data.rows_per_step(config.tokens_per_step // accum, config.max_len, shards)
-    if rows % jax.process_count():
-        raise ValueError(
-            f"{rows} rows per micro-batch do not split over {jax.process_count()} hosts"
-        )
+    rows, batch = _batch_layout(config, train_pairs, tokenizer, mesh)
     dataset = data.train_dataset(
         train_pairs,
         tokenizer,
@@ -179,14 +136,17 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
     tx, schedule = make_optimizer(config, model_cfg.d_model)
     shardings, abstract = state_shardings(model, tx, mesh)
     mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
-    restored = checkpoints.restore_latest(mngr, abstract)
-    if restored is None:
-        state, meta = init_state(model, tx, shardings, jax.random.key(config.seed)), {}
-        log.info("initialised a new %s-parameter model", f"{_count(state.params):,}")
-    else:
-        state, data_state, meta = restored
+    best_mngr = checkpoints.manager(workdir, "best", keep=1)
+    state, data_state, meta = resume.start_state(
+        config, workdir, model=model, model_cfg=model_cfg, tx=tx, shardings=shardings,
+        abstract=abstract, mngr=mngr, batch=batch,
+    )  # fmt: skip
+    if data_state is not None:
         iterator.set_state(data_state)
-        log.info("resumed from step %d", int(state.step))
+    log.info("model: %s parameters", f"{_count(state.params):,}")
+    resume.write_configs(workdir, config, model_cfg)
+    # A run stopped right after a new best checkpoint has not yet recorded its BLEU elsewhere.
+    best_bleu = max(meta.get("best_bleu", -1.0), checkpoints.best_score(best_mngr) or -1.0)
 
     train_step = jit_train_step(
         model, tx, schedule, mesh, shardings,
@@ -206,21 +166,57 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
         train_step=train_step,
         evaluator=evaluator,
         mngr=mngr,
-        best_mngr=checkpoints.manager(workdir, "best", keep=1),
+        best_mngr=best_mngr,
         writer=MetricsWriter(workdir, config.num_train_steps, int(state.step)),
         clock=Stopwatch(meta.get("elapsed_s", 0.0)),
-        flops=train_flops_per_step(model_cfg, rows * accum, config.max_len),
-        best_bleu=meta.get("best_bleu", -1.0),
+        flops=train_flops_per_step(model_cfg, rows * config.grad_accum_steps, config.max_len),
+        best_bleu=best_bleu,
+        batch=batch,
     )
 
 
-def _loop(run: _Run, stop: _StopSignal) -> dict:
+def _batch_layout(config, train_pairs, tokenizer, mesh) -> tuple[int, dict]:
+    """Rows per micro-batch (global) whose real tokens per step match ``tokens_per_step``.
+
+    Returns:
+      ``(rows, layout)``; the layout is saved with every checkpoint, and a checkpoint saved
+      with another one cannot resume this run (its input position means other examples).
+    """
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    accum = config.grad_accum_steps
+    fill = data.packing_fill(
+        train_pairs, tokenizer, max_len=config.max_len, overlong=config.overlong, seed=config.seed
+    )
+    rows = data.rows_per_step(
+        config.tokens_per_step, config.max_len, shards, fill=fill, micro_batches=accum
+    )
+    if rows % jax.process_count():
+        raise ValueError(
+            f"{rows} rows per micro-batch do not split over {jax.process_count()} hosts"
+        )
+    real = accum * rows * config.max_len * fill
+    log.info(
+        "batches: %d x %d rows of %d per step, packed %.1f%% full: about %s real tokens per "
+        "side (tokens_per_step=%s)",
+        accum, rows, config.max_len, 100 * fill, f"{real:,.0f}", f"{config.tokens_per_step:,}",
+    )  # fmt: skip
+    if abs(real / config.tokens_per_step - 1) > 0.1:
+        log.warning(
+            "the nearest batch layout holds %.0f%% of tokens_per_step: a step's rows are a "
+            "multiple of %d (devices x micro-batches) of about %.0f tokens each",
+            100 * real / config.tokens_per_step, shards * accum, config.max_len * fill,
+        )  # fmt: skip
+    layout = {"rows": rows, "micro_batches": accum, "max_len": config.max_len}
+    return rows, layout
+
+
+def _loop(run: _Run, stop: StopSignal) -> dict:
     """Trains from ``run.state.step`` to ``num_train_steps``; returns the last metrics row."""
     config = run.config
     rng = jax.random.key(config.seed)
     step = int(run.state.step)
     last_row: dict = {}
-    window = _Window()
+    window = Window()
     last_save = time.monotonic()
     pending = None  # (step, metrics) of the previous step, checked after the next dispatch
     compile_s = None
@@ -263,7 +259,13 @@ def _loop(run: _Run, stop: _StopSignal) -> dict:
                     run.mngr,
                     run.state,
                     run.iterator.get_state(),
-                    {"elapsed_s": run.clock(), "best_bleu": run.best_bleu, "seed": config.seed},
+                    {
+                        "elapsed_s": run.clock(),
+                        "best_bleu": run.best_bleu,
+                        "seed": config.seed,
+                        "batch": run.batch,
+                        "config": resume.config_dict(config),
+                    },
                 )
                 log.info("checkpoint saved at step %d", step)
                 last_save = time.monotonic()
@@ -272,7 +274,7 @@ def _loop(run: _Run, stop: _StopSignal) -> dict:
     return last_row
 
 
-def _log_step(run: _Run, step: int, metrics, window: _Window, compile_s: float) -> dict:
+def _log_step(run: _Run, step: int, metrics, window: Window, compile_s: float) -> dict:
     """Writes one training row (loss, learning rate, throughput, memory) and resets the window."""
     values = jax.device_get(metrics)
     seconds = max(window.seconds(), 1e-9)
@@ -319,36 +321,12 @@ def _evaluate(run: _Run, step: int, at_end: bool) -> None:
         run.writer.write(step, row)
         if row["bleu"] > run.best_bleu:
             run.best_bleu = row["bleu"]
-            checkpoints.save_params(run.best_mngr, step, run.state.params, {"bleu": row["bleu"]})
-
-
-class _Window:
-    """Training tokens, steps and seconds since the last log line, minus paused time."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> float:
-        """Starts a new window; returns the seconds the old one lasted."""
-        now = time.monotonic()
-        seconds = now - getattr(self, "start", now)
-        self.start, self.tokens, self.steps = now, 0, 0
-        return seconds
-
-    def add(self, tokens: int) -> None:
-        self.tokens += tokens
-        self.steps += 1
-
-    def seconds(self) -> float:
-        return time.monotonic() - self.start
-
-    @contextlib.contextmanager
-    def paused(self):
-        start = time.monotonic()
-        try:
-            yield
-        finally:
-            self.start += time.monotonic() - start
+            if step in run.best_mngr.all_steps():  # saved before a restart; the same parameters
+                log.info("best checkpoint %d exists already; keeping it", step)
+            else:
+                checkpoints.save_params(
+                    run.best_mngr, step, run.state.params, {"bleu": row["bleu"]}
+                )
 
 
 def _check_finite(pending) -> None:
@@ -396,7 +374,13 @@ def main(argv):
     enable_compilation_cache()
     try:
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (data.DataError, NonFiniteLossError, FileNotFoundError, ValueError) as err:
+    except (
+        data.DataError,
+        NonFiniteLossError,
+        checkpoints.CheckpointError,
+        FileNotFoundError,
+        ValueError,
+    ) as err:
         log.error("%s", err)
         sys.exit(1)
 

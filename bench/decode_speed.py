@@ -6,10 +6,11 @@ Run from the repository root:
     python -m bench.decode_speed --sentences 32 --uncached-sentences 32 --dtype float32
 
 Model: ``configs/default.py``'s (d_model 256, 4 heads, d_ff 1024, 3 + 3 layers, vocab 8000,
-its compute dtype unless ``--dtype``), random weights. Sources: the first dev-set sentences of
-the default corpus, tokenized with a SentencePiece model trained on its tiny train split
-(a fraction of a second). Search: beam 4, alpha 0.6, with EOS masked until the last step so
-that every sentence takes exactly ``--out-len`` (64) steps under both decoders.
+its compute dtype unless ``--dtype``), random weights. Sources: the first dev sentences of the
+tiny corpus shipped in ``data/fixtures/`` (or ``--corpus``), tokenized with a SentencePiece
+model trained on its train split (a fraction of a second). Search: beam 4, alpha 0.6, with EOS
+masked until the last step so that every sentence takes exactly ``--out-len`` (64) steps under
+both decoders.
 
 The uncached decoder re-runs the full decoder over the ``[B*4, 64]`` prefix at every step (with
 static shapes it cannot process only the positions filled so far), so its cost per step is
@@ -31,13 +32,13 @@ import numpy as np
 from flax import linen as nn
 
 from configs.default import get_config
+from configs.tiny import CORPUS as TINY_CORPUS
 from data.sources import ParallelText
 from data.tokenizer import BOS_ID, EOS_ID, load_or_train
 from decoding import beam_search, cached_decoder, uncached_decoder
 from model import Transformer
 from training.state import model_config
 
-SHARED_CORPUS = Path(__file__).resolve().parents[1].parent / "shared/corpus/bible-en-es"
 ADAPTERS = {"cached": cached_decoder, "uncached": uncached_decoder}
 # Finite, so that the EOS forced at the last step still has a (tiny) probability and every
 # hypothesis ends normally; no other token is ever that unlikely.
@@ -51,7 +52,7 @@ def source_batches(args, vocab_size: int, count: int) -> list[np.ndarray]:
     once; the last batch is topped up with copies of the first sentences.
     """
     corpus = Path(args.corpus)
-    train = ParallelText(corpus / "tiny/train.en", corpus / "tiny/train.es")
+    train = ParallelText(corpus / "train.en", corpus / "train.es")
     tok_path = Path(args.tokenizer or Path(tempfile.mkdtemp()) / "decode_speed.model")
     tok = load_or_train(tok_path, train, vocab_size=vocab_size)
     lines = (corpus / "dev.en").read_text(encoding="utf-8").splitlines()[:count]
@@ -118,7 +119,9 @@ def main() -> None:
     parser.add_argument("--out-len", type=int, default=64, help="output tokens per sentence")
     parser.add_argument("--max-src", type=int, default=128, help="source tokens kept")
     parser.add_argument("--dtype", help="compute dtype (default: configs/default.py's)")
-    parser.add_argument("--corpus", default=str(SHARED_CORPUS), help="dir with dev.en, tiny/")
+    parser.add_argument(
+        "--corpus", default=str(TINY_CORPUS), help="dir with train.{en,es} and dev.en"
+    )
     parser.add_argument("--tokenizer", help="SentencePiece model to use or create")
     args = parser.parse_args()
 

@@ -27,15 +27,11 @@ from data.pipeline import batch_stats, encode_pairs, rows_per_step, train_datase
 from data.sources import ParallelText
 from data.tokenizer import Tokenizer, load_or_train
 
-SHARED_CORPUS = Path(__file__).resolve().parents[1].parent / "shared/corpus/bible-en-es"
-
 
 def corpus_dir(args: argparse.Namespace) -> Path:
     if args.corpus:
         return Path(args.corpus)
-    if (SHARED_CORPUS / "train.en").exists():
-        return SHARED_CORPUS
-    from data import bible  # Builds the corpus (minutes) only when no copy is at hand.
+    from data import bible  # Builds the corpus (minutes) the first time, then reads the cache.
 
     return Path(bible.ensure_default_corpus(args.data_dir))
 
@@ -76,7 +72,9 @@ def grain_first_fit(examples, rows: int, max_len: int, seed: int) -> grain.IterD
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--corpus", help="dir with train.{en,es} (default: the shared corpus)")
+    parser.add_argument(
+        "--corpus", help="dir with {train,dev}.{en,es} (default: the default corpus)"
+    )
     parser.add_argument("--data-dir", help="where to build the default corpus if needed")
     parser.add_argument("--tokenizer", help="SentencePiece model to use or create")
     parser.add_argument("--vocab-size", type=int, default=8000)

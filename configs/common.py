@@ -62,6 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.grad_clip_norm = 0.0  # 0 disables clipping
     c.label_smoothing = 0.1
     c.num_train_steps = 100_000
+    # Fine-tuning: start a new workdir from the parameters of WORKDIR (its newest checkpoint),
+    # WORKDIR/best, WORKDIR/averaged or WORKDIR/checkpoints/STEP, with a fresh optimizer and
+    # step 0. Same model and tokenizer (copied); used only while the workdir has no checkpoint.
+    c.init_from = ml_collections.FieldReference(None, field_type=str)
     # Not in the paper (0 keeps its schedule): scale the rate linearly down to 0 over the last
     # cooldown_steps, for runs with a fixed budget.
     c.cooldown_steps = 0

@@ -7,7 +7,8 @@ Modules (each has one job):
 - `tokenizer`: the shared SentencePiece `Tokenizer` (0 = pad, 1 = EOS, 2 = BOS, 3 = UNK),
   trained once and cached (`load_or_train`).
 - `pipeline`: tokenize a process's shard, then packed training batches (`train_dataset`), the
-  batch size from a token budget (`rows_per_step`) and packing efficiency (`batch_stats`).
+  batch size from a token budget (`rows_per_step`, `packing_fill`) and packing efficiency
+  (`batch_stats`).
 - `packing`: the epoch planner and grain dataset behind `train_dataset`.
 - `eval_batches`: padded, length-bucketed batches for evaluation and decoding
   (`padded_batches`) and `restore_order`.
@@ -17,7 +18,8 @@ Typical use:
 
     pairs = data.open_split(cfg.data, "train")
     tok = data.load_or_train(workdir / "tokenizer.model", pairs, vocab_size=8000)
-    rows = data.rows_per_step(25_000, max_len=128, num_shards=jax.device_count())
+    fill = data.packing_fill(pairs, tok, max_len=128)  # share of row slots holding tokens
+    rows = data.rows_per_step(25_000, max_len=128, num_shards=jax.device_count(), fill=fill)
     it = iter(data.train_dataset(pairs, tok, max_len=128, rows=rows // jax.process_count(),
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count()))
@@ -55,6 +57,7 @@ _LAZY = {
     "train_dataset": "data.pipeline",
     "encode_pairs": "data.pipeline",
     "rows_per_step": "data.pipeline",
+    "packing_fill": "data.pipeline",
     "batch_stats": "data.pipeline",
     "TokenizedPairs": "data.pipeline",
     "PackedBatches": "data.packing",

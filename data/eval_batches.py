@@ -3,8 +3,9 @@
 Decoding sorts sentences by length so each batch wastes little padding, and pads widths to a few
 bucket sizes so a jitted decoder compiles only a few shapes. Every batch carries the original
 index of each row (-1 for filler rows), and `restore_order` puts the outputs back in input
-order. Nothing is dropped: empty lines become a lone EOS and over-long ones are truncated (and
-counted in the log).
+order. For decoding nothing is dropped: empty lines become a lone EOS and over-long ones are
+truncated (and counted in the log); a dev loss can leave over-long pairs out instead, as
+training does (`overlong='filter'`).
 """
 
 from __future__ import annotations
@@ -38,23 +39,15 @@ def default_buckets(max_len: int, smallest: int = 8) -> list[int]:
     return [*widths, max_len]
 
 
-def _encode(texts: Sequence[str], tokenizer: Tokenizer, max_len: int, what: str):
-    """Ids + EOS per text, cut to `max_len` (EOS kept last); logs how many were cut."""
-    out, cut = [], 0
-    for ids in tokenizer.encode_batch(texts):
+def _encode(texts: Sequence[str], tokenizer: Tokenizer, max_len: int, cut: bool):
+    """Ids + EOS per text, and which are longer than `max_len`; cut to it if `cut`."""
+    out, over = [], np.zeros(len(texts), dtype=bool)
+    for i, ids in enumerate(tokenizer.encode_batch(texts)):
         if len(ids) + 1 > max_len:
-            cut += 1
-            ids = ids[: max_len - 1]
+            over[i] = True
+            ids = ids[: max_len - 1] if cut else ids
         out.append([*ids, EOS_ID])
-    if cut:
-        log.warning(
-            "truncated %d of %d %s to max_len=%d tokens (EOS included)",
-            cut,
-            len(out),
-            what,
-            max_len,
-        )
-    return out
+    return out, over
 
 
 def _pad(seqs: list[list[int]], width: int) -> np.ndarray:
@@ -74,13 +67,15 @@ def padded_batches(
     buckets: Sequence[int] | None = None,
     row_multiple: int = 1,
     fixed_rows: bool = False,
+    overlong: str = "truncate",
 ) -> list[dict[str, np.ndarray]]:
     """Groups sentences of similar length into padded batches under a token budget.
 
     Args:
         sources: Source sentences, in their original order (empty strings allowed).
         tokenizer: The shared tokenizer.
-        max_len: Longest sequence (EOS included); longer ones are truncated, never dropped.
+        max_len: Longest sequence (EOS included); longer ones are truncated or left out, as
+            `overlong` says.
         tokens_per_batch: Budget of rows * width per batch (at least one row per batch).
         targets: Optional references, aligned with `sources` (e.g. for an evaluation loss).
         buckets: Allowed widths, ascending, the last >= every length; default
@@ -89,6 +84,9 @@ def padded_batches(
         fixed_rows: Pad the last batch of each bucket with filler rows so all batches of a
             bucket have one shape (fewer compilations, but wasteful on small sets: without
             it a bucket has at most two shapes, which jit caches across evaluations anyway).
+        overlong: 'truncate' (decoding: every input gets an output) or 'filter': leave out
+            every sentence, or pair, with a side over `max_len`, as training does with
+            `overlong='filter'` (a dev loss then measures what the model was trained on).
 
     Returns:
         Batches in order of increasing width, each a dict with `inputs` [B, S] int32 (ids +
@@ -105,13 +103,28 @@ def padded_batches(
     buckets = sorted(buckets or default_buckets(max_len))
     if buckets[-1] < max_len:
         raise DataError(f"largest bucket {buckets[-1]} < {max_len=}; expected it to cover max_len")
-    features = {"inputs": _encode(sources, tokenizer, max_len, "sources")}
-    if targets is not None:
-        features["targets"] = _encode(targets, tokenizer, max_len, "targets")
-    lengths = np.max([[len(s) for s in f] for f in features.values()], axis=0).astype(np.int64)
-    lengths = lengths.reshape(len(sources))
-    widths = np.asarray(buckets)[np.searchsorted(buckets, lengths)]
-    order = np.lexsort((lengths, widths))  # By bucket, then by length; stable.
+    if overlong not in ("truncate", "filter"):
+        raise DataError(f"padded_batches: overlong={overlong!r}; expected 'truncate' or 'filter'")
+    sides = {"inputs": sources} if targets is None else {"inputs": sources, "targets": targets}
+    features, over = {}, np.zeros(len(sources), dtype=bool)
+    for k, texts in sides.items():
+        features[k], too_long = _encode(texts, tokenizer, max_len, cut=overlong == "truncate")
+        if too_long.any():
+            log.warning(
+                "%s %d of %d %s longer than max_len=%d tokens (EOS included)",
+                "truncated" if overlong == "truncate" else "left out",
+                int(too_long.sum()),
+                len(texts),
+                "sources" if k == "inputs" else "targets",
+                max_len,
+            )
+        over |= too_long
+    kept = np.flatnonzero(~over) if overlong == "filter" else np.arange(len(sources))
+    lengths = np.zeros(len(sources), dtype=np.int64)
+    for seqs in features.values():
+        lengths = np.maximum(lengths, [len(s) for s in seqs])
+    widths = np.asarray(buckets)[np.searchsorted(buckets, np.minimum(lengths, max_len))]
+    order = kept[np.lexsort((lengths[kept], widths[kept]))]  # By bucket, then length; stable.
     batches = []
     for width in np.unique(widths):
         members = order[widths[order] == width]

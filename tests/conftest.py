@@ -1,37 +1,73 @@
-"""Test set-up: 8 simulated CPU devices (for mesh tests) and small shared fixtures."""
+"""Test set-up: 8 simulated CPU devices (for mesh tests), small shared fixtures, no skips."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before JAX initialises its backend; tests that need one device still get device 0.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+# Many tests train the same tiny model, in this process and in `train.py` subprocesses (which
+# inherit the environment): one compilation cache for the session saves most of their
+# compile time. It is private to the session, so nothing stale is ever read.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="aiayn-test-jax-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from configs.tiny import CORPUS as TINY_CORPUS  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_CORPUS = REPO.parent / "shared" / "corpus" / "bible-en-es"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Turns every skip into a failure: a skipped test proves nothing, so the suite has none.
+
+    A test that cannot run here (a missing package, file or device) must fail and say why,
+    not pass silently; `xfail` is not used in this project either.
+    """
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped tests are not allowed in this suite (zero skips): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """The same for a whole module skipped while collecting (e.g. ``pytest.importorskip``)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"skipped modules are not allowed in this suite: {report.longrepr}"
 
 
 @pytest.fixture(scope="session")
-def shared_corpus() -> Path:
-    """The prebuilt default corpus beside the repository (CI has it); skip where absent."""
-    if not (SHARED_CORPUS / "train.en").exists():
-        pytest.skip(f"prebuilt corpus not found at {SHARED_CORPUS}")
-    return SHARED_CORPUS
+def tiny_corpus() -> Path:
+    """The repository's tiny corpus: ``{train,dev}.{en,es}``, 2,000 + 200 verse pairs."""
+    assert (TINY_CORPUS / "train.en").exists(), f"fixture corpus missing: {TINY_CORPUS}"
+    return TINY_CORPUS
 
 
 @pytest.fixture(scope="session")
-def tiny_workdir(shared_corpus, tmp_path_factory) -> Path:
+def tiny_workdir(tiny_corpus, tmp_path_factory) -> Path:
     """A workdir trained for 30 steps with configs/tiny.py (decode and plot tests read it)."""
     import train
     from tests.test_train import QUIET, tiny_config
 
     path = tmp_path_factory.mktemp("tiny_workdir")
-    train.train_and_evaluate(tiny_config(shared_corpus, num_train_steps=30, **QUIET), path)
+    train.train_and_evaluate(tiny_config(num_train_steps=30, **QUIET), path)
     return path
 
 

@@ -10,8 +10,6 @@ import pytest
 
 from data.sources import DataError, ParallelText, TSVPairs, open_split
 
-CORPUS = Path(__file__).parents[1].parent / "shared/corpus/bible-en-es"
-
 
 def write(path: Path, data: str | bytes) -> Path:
     path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
@@ -168,9 +166,8 @@ def test_open_split_tfds_is_lazy_and_maps_split_names(monkeypatch):
     )
 
 
-@pytest.mark.skipif(not CORPUS.exists(), reason="shared corpus absent")
-def test_shared_tiny_corpus():
-    pairs = open_split(config(source="text", train_prefix=str(CORPUS / "tiny/train")), "train")
+def test_tiny_fixture_corpus(tiny_corpus):
+    pairs = open_split(config(source="text", train_prefix=str(tiny_corpus / "train")), "train")
     assert len(pairs) == 2000
     src, tgt = pairs[0]
     assert src.startswith("God called") and tgt.startswith("Y llamó Dios")

@@ -42,13 +42,11 @@ def test_n_best_with_scores_format(tiny_loaded, tmp_path):
     assert decode.format_line(results[1], with_scores=False) == "\t"  # two empty hypotheses
 
 
-def test_command_line_translates_and_scores_against_references(
-    tiny_workdir, shared_corpus, tmp_path
-):
+def test_command_line_translates_and_scores_against_references(tiny_workdir, tiny_corpus, tmp_path):
     src = tmp_path / "dev.en"
     ref = tmp_path / "dev.es"
-    src.write_text("".join(open(shared_corpus / "tiny" / "dev.en").readlines()[:12]))
-    ref.write_text("".join(open(shared_corpus / "tiny" / "dev.es").readlines()[:12]))
+    src.write_text("".join(open(tiny_corpus / "dev.en").readlines()[:12]))
+    ref.write_text("".join(open(tiny_corpus / "dev.es").readlines()[:12]))
     out = tmp_path / "hyp.es"
     result = subprocess.run(
         [sys.executable, "decode.py", f"--workdir={tiny_workdir}", f"--input={src}",

@@ -2,25 +2,23 @@
 
 from collections import Counter
 
-import pytest
+import ipykernel  # noqa: F401  (the kernel the notebook runs in; a test dependency)
+import nbclient
+import nbformat
 
 from tests.conftest import REPO
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
 
 NOTEBOOK = REPO / "notebooks" / "transformer_tour.ipynb"
 # Tagged cells and the images each must produce.
 EXPECTED_IMAGES = {"plot-positions": 1, "plot-attention": 3, "plot-schedule": 2, "plot-curves": 1}
 
 
-def test_tour_notebook_runs_in_tiny_mode(shared_corpus, tmp_path, monkeypatch):
+def test_tour_notebook_runs_in_tiny_mode(tmp_path, monkeypatch):
     # The kernel inherits this environment: tiny mode, a fresh work directory, and one CPU
     # device instead of the 8 simulated ones the other tests use.
     monkeypatch.setenv("TOUR_TINY", "1")
     monkeypatch.setenv("TOUR_WORKDIR", str(tmp_path / "workdir"))
-    monkeypatch.setenv("TOUR_CORPUS", str(shared_corpus))
+    monkeypatch.delenv("TOUR_CORPUS", raising=False)  # the repository's own tiny corpus
     monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     nb = nbformat.read(NOTEBOOK, as_version=4)

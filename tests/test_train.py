@@ -36,20 +36,16 @@ def optimizer_config(**changes) -> ml_collections.ConfigDict:
 QUIET = dict(eval_every_steps=0, bleu_every_steps=0, eval_at_end=False, log_every_steps=1)
 
 
-def tiny_config(corpus: Path, **changes) -> ml_collections.ConfigDict:
+def tiny_config(**changes) -> ml_collections.ConfigDict:
+    """configs/tiny.py (on the repository's fixture corpus) with some fields changed."""
     cfg = get_config()
-    cfg.data.train_prefix = str(corpus / "tiny" / "train")
-    cfg.data.dev_prefix = str(corpus / "tiny" / "dev")
     cfg.update(changes)
     return cfg
 
 
-def overrides(corpus: Path, **changes) -> list[str]:
-    flags = [
-        f"--config.data.train_prefix={corpus}/tiny/train",
-        f"--config.data.dev_prefix={corpus}/tiny/dev",
-    ]
-    return flags + [f"--config.{k}={v}" for k, v in changes.items()]
+def overrides(**changes) -> list[str]:
+    """The same changes as command-line flags for ``train.py --config=configs/tiny.py``."""
+    return [f"--config.{k}={v}" for k, v in changes.items()]
 
 
 def start(workdir: Path, flags: list[str]) -> subprocess.Popen:
@@ -77,10 +73,8 @@ def wait_for_step(proc: subprocess.Popen, workdir: Path, step: int, timeout: flo
     raise TimeoutError(f"step {step} not reached")
 
 
-def test_run_writes_metrics_config_tensorboard_and_checkpoints(shared_corpus, tmp_path):
-    cfg = tiny_config(
-        shared_corpus, num_train_steps=6, checkpoint_every_steps=3, eval_every_steps=6
-    )
+def test_run_writes_metrics_config_tensorboard_and_checkpoints(tmp_path):
+    cfg = tiny_config(num_train_steps=6, checkpoint_every_steps=3, eval_every_steps=6)
     last = train.train_and_evaluate(cfg, tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
@@ -104,8 +98,8 @@ def test_run_writes_metrics_config_tensorboard_and_checkpoints(shared_corpus, tm
     assert (tmp_path / "best").exists()
 
 
-def test_resume_after_sigterm_and_sigkill_reproduces_losses_bitwise(shared_corpus, tmp_path):
-    flags = overrides(shared_corpus, num_train_steps=40, checkpoint_every_steps=5, **QUIET)
+def test_resume_after_sigterm_and_sigkill_reproduces_losses_bitwise(tmp_path):
+    flags = overrides(num_train_steps=40, checkpoint_every_steps=5, **QUIET)
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     reference = start(straight, flags)
 
@@ -130,8 +124,8 @@ def test_resume_after_sigterm_and_sigkill_reproduces_losses_bitwise(shared_corpu
     assert got == expected  # bitwise: same floats, not merely close
 
 
-def test_corrupt_checkpoint_is_set_aside_and_previous_one_used(shared_corpus, tmp_path, caplog):
-    cfg = tiny_config(shared_corpus, num_train_steps=4, checkpoint_every_steps=2, **QUIET)
+def test_corrupt_checkpoint_is_set_aside_and_previous_one_used(tmp_path, caplog):
+    cfg = tiny_config(num_train_steps=4, checkpoint_every_steps=2, **QUIET)
     train.train_and_evaluate(cfg, tmp_path)
     # Damage every file of step 4's parameters, as a full disk or a bad copy would.
     for f in (tmp_path / "checkpoints" / "4" / "params").rglob("*"):
@@ -139,7 +133,7 @@ def test_corrupt_checkpoint_is_set_aside_and_previous_one_used(shared_corpus, tm
             f.write_bytes(b"\0" * 7)
     cfg.num_train_steps = 6
     train.train_and_evaluate(cfg, tmp_path)
-    assert "checkpoint" in caplog.text and "unreadable" in caplog.text
+    assert "checkpoint" in caplog.text and "is damaged" in caplog.text
     assert list((tmp_path / "corrupt_checkpoints").iterdir())[0].name.startswith("4-")
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     resumed = [r["step"] for r in rows if "loss" in r][4:]
@@ -147,7 +141,7 @@ def test_corrupt_checkpoint_is_set_aside_and_previous_one_used(shared_corpus, tm
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(
-    shared_corpus, tmp_path, monkeypatch
+    tmp_path, monkeypatch
 ):
     real = training.step.make_train_step
 
@@ -162,7 +156,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(
         return wrapped
 
     monkeypatch.setattr(training.step, "make_train_step", poisoned)
-    cfg = tiny_config(shared_corpus, num_train_steps=10, checkpoint_every_steps=2, **QUIET)
+    cfg = tiny_config(num_train_steps=10, checkpoint_every_steps=2, **QUIET)
     with pytest.raises(train.NonFiniteLossError, match="loss is nan at step 5"):
         train.train_and_evaluate(cfg, tmp_path)
     assert checkpoints.resolve(tmp_path) == ("checkpoints", 4)
@@ -221,12 +215,12 @@ def test_two_processes_train_together_like_one():
         np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
-def test_train_py_runs_on_two_processes(shared_corpus, tmp_path):
+def test_train_py_runs_on_two_processes(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     flags = overrides(
-        shared_corpus, num_train_steps=6, checkpoint_every_steps=3, log_every_steps=2,
+        num_train_steps=6, checkpoint_every_steps=3, log_every_steps=2,
         eval_every_steps=0, bleu_every_steps=0, eval_sentences=4, beam_size=1,
     )  # fmt: skip
     distributed = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
@@ -241,8 +235,8 @@ def test_train_py_runs_on_two_processes(shared_corpus, tmp_path):
     assert (tmp_path / "checkpoints" / "3").is_dir()
 
 
-def test_checkpoint_averaging_writes_the_mean(shared_corpus, tmp_path):
-    cfg = tiny_config(shared_corpus, num_train_steps=6, checkpoint_every_steps=2, **QUIET)
+def test_checkpoint_averaging_writes_the_mean(tmp_path):
+    cfg = tiny_config(num_train_steps=6, checkpoint_every_steps=2, **QUIET)
     train.train_and_evaluate(cfg, tmp_path)
     step, steps = average_checkpoints(tmp_path, 2)
     assert (step, steps) == (6, [4, 6])

@@ -6,11 +6,19 @@ Layout (one Orbax item per piece of state):
     WORKDIR/best/<step>/{params, meta}                            the best by dev BLEU
     WORKDIR/averaged/<step>/{params, meta}                        from `python -m training.average`
 
-``data`` is the input iterator's state and ``meta`` holds the step, the seed and bookkeeping.
-Orbax writes each checkpoint to a temporary directory and renames it when complete, so a
-process killed mid-save leaves nothing that looks valid. A checkpoint that fails to restore
-anyway (a truncated file, a disk error) is moved aside with a warning and the one before it
-is used.
+``data`` is the input iterator's state and ``meta`` holds the step, the seed, the configuration
+and bookkeeping. Orbax writes each checkpoint to a temporary directory and renames it when
+complete, so a process killed mid-save leaves nothing that looks valid (and the next start
+deletes such leftovers, ``cleanup_tmp_directories``).
+
+Resuming (``restore_latest``) tells apart what can go wrong (``training.checkpoint_checks``):
+
+- a damaged checkpoint (truncated or garbled files) is moved to ``corrupt_checkpoints/`` with a
+  warning and the one before it is used;
+- a readable checkpoint that does not fit the configuration (another optimizer, another batch
+  layout) stops the run with ``CheckpointMismatchError`` naming the differences; nothing moves;
+- a transient read error is retried with a growing delay, then stops the run with
+  ``CheckpointReadError``; so does any error not recognised as damage. Nothing moves.
 """
 
 from __future__ import annotations
@@ -18,17 +26,32 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from training.checkpoint_checks import (  # noqa: F401  (the errors are this module's API too)
+    DAMAGED,
+    TRANSIENT,
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointReadError,
+    CheckpointWriteError,
+    classify,
+    config_differences,
+    describe,
+    tree_differences,
+)
 from training.state import TrainState
 
 log = logging.getLogger(__name__)
 
 KINDS = ("checkpoints", "best", "averaged")
+# Seconds to wait before each new try of a read that failed with a transient error.
+RETRY_DELAYS_S = (1.0, 4.0, 15.0)
 
 
 def manager(
@@ -37,26 +60,63 @@ def manager(
     """A CheckpointManager for ``WORKDIR/<kind>`` keeping the newest ``keep`` steps."""
     if kind not in KINDS:
         raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
-    items = ("params", "opt_state", "data", "meta") if kind == "checkpoints" else ("params", "meta")
+    # Handlers declared up front, so metadata can be read before anything is restored.
+    handlers = {"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    if kind == "checkpoints":
+        handlers |= {
+            "opt_state": ocp.StandardCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler(),
+        }
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        max_to_keep=keep,
+        enable_async_checkpointing=async_save,
+        create=True,
+        cleanup_tmp_directories=True,  # half-written saves of a killed run
     )
-    return ocp.CheckpointManager(Path(workdir).absolute() / kind, options=options, item_names=items)
+    return ocp.CheckpointManager(
+        Path(workdir).absolute() / kind, options=options, item_handlers=handlers
+    )
+
+
+def _write_error(
+    mngr: ocp.CheckpointManager, what: str, err: BaseException
+) -> CheckpointWriteError:
+    steps = sorted(mngr.all_steps())
+    return CheckpointWriteError(
+        f"{what} in {mngr.directory} failed ({describe(err)}); the complete checkpoints there "
+        f"(steps {steps}) are intact and a rerun resumes from the newest once the cause (disk "
+        "space, permissions, the file system) is fixed"
+    )
 
 
 def save(mngr: ocp.CheckpointManager, state: TrainState, data_state: dict, meta: dict) -> None:
-    """Starts an (async) save of the whole training state at ``state.step``."""
+    """Starts an (async) save of the whole training state at ``state.step``.
+
+    Raises:
+      CheckpointWriteError: this save, or the previous (asynchronous) one, failed.
+    """
     step = int(state.step)
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave({**meta, "step": step}),
-        ),
-        force=True,
-    )
+    try:
+        mngr.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                opt_state=ocp.args.StandardSave(state.opt_state),
+                data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave({**meta, "step": step}),
+            ),
+            force=True,
+        )
+    except Exception as err:  # Orbax re-raises the previous async save's error here too
+        raise _write_error(mngr, f"saving checkpoint {step}", err) from err
+
+
+def finish(mngr: ocp.CheckpointManager) -> None:
+    """Waits for pending saves; raises ``CheckpointWriteError`` if one failed."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as err:
+        raise _write_error(mngr, "finishing a checkpoint save", err) from err
 
 
 def save_params(mngr: ocp.CheckpointManager, step: int, params: Any, meta: dict) -> None:
@@ -72,53 +132,150 @@ def save_params(mngr: ocp.CheckpointManager, step: int, params: Any, meta: dict)
     mngr.wait_until_finished()
 
 
+class _Damaged(Exception):
+    """Internal: the checkpoint being read is damaged (the cause says how)."""
+
+
+def _read(fn: Callable[[], Any], where: str) -> Any:
+    """Runs one read of checkpoint ``where``, retrying transient errors.
+
+    Raises:
+      _Damaged: the files are damaged.
+      CheckpointReadError: transient errors outlasted the retries, or the error is unknown.
+    """
+    for delay in (*RETRY_DELAYS_S, None):
+        try:
+            return fn()
+        except Exception as err:
+            kind = classify(err)
+            if kind == DAMAGED:
+                raise _Damaged(describe(err)) from err
+            if kind == TRANSIENT and delay is not None:
+                log.warning("reading %s failed (%s); retrying in %g s", where, describe(err), delay)
+                time.sleep(delay)
+                continue
+            if kind == TRANSIENT:
+                raise CheckpointReadError(
+                    f"could not read checkpoint {where} in {len(RETRY_DELAYS_S) + 1} tries "
+                    f"({describe(err)}); nothing was moved or deleted: check the disk or file "
+                    "system, then rerun"
+                ) from err
+            raise CheckpointReadError(
+                f"could not read checkpoint {where} ({describe(err)}); this error is not one "
+                "that damaged files cause, so nothing was moved or deleted. If the checkpoint "
+                f"is damaged all the same, move {where} elsewhere and rerun to resume from the "
+                "one before it"
+            ) from err
+    raise AssertionError("unreachable")
+
+
+def _meta(mngr: ocp.CheckpointManager, step: int, where: str) -> dict:
+    restored = _read(
+        lambda: mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())), where
+    )
+    return dict(restored["meta"])
+
+
 def _set_aside(mngr: ocp.CheckpointManager, step: int) -> None:
-    """Moves an unreadable checkpoint out of the manager's directory, keeping it for a look."""
+    """Moves a damaged checkpoint out of the manager's directory, keeping it for a look."""
     src = Path(mngr.directory) / str(step)
     dst = Path(mngr.directory).parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
     if jax.process_index() == 0 and src.exists():
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(src), str(dst))
+        log.warning("moved %s to %s", src, dst)
     mngr.reload()
 
 
+def _check_fits(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    abstract: TrainState,
+    meta: dict,
+    config: dict | None,
+    batch: dict | None,
+) -> None:
+    """Raises CheckpointMismatchError if checkpoint ``step`` cannot continue this run."""
+    where = f"{mngr.directory}/{step}"
+    metadata = _read(lambda: mngr.item_metadata(step), where)
+    problems = []
+    for name in ("params", "opt_state"):
+        saved = metadata[name] if name in metadata.keys() else None
+        if saved is None:
+            raise _Damaged(f"item {name!r} is missing")
+        problems += [f"{name}: {line}" for line in tree_differences(saved, getattr(abstract, name))]
+    if batch is not None and meta.get("batch") not in (None, batch):
+        problems.append(
+            f"batches: saved with {meta['batch']}, now {batch} (its input position would "
+            "point at other examples)"
+        )
+    if not problems:
+        return
+    changed = config_differences(meta.get("config"), config or {})
+    fields = f"; configuration changes since it was saved: {', '.join(changed)}" if changed else ""
+    workdir = Path(mngr.directory).parent
+    raise CheckpointMismatchError(
+        f"checkpoint {where} does not fit this configuration: {'; '.join(problems)}{fields}. "
+        "Nothing was moved or deleted. Rerun with the configuration it was saved with "
+        f"({workdir}/config.json), or start a new --workdir from its parameters with a fresh "
+        f"optimizer: --config.init_from={workdir}"
+    )
+
+
 def restore_latest(
-    mngr: ocp.CheckpointManager, abstract: TrainState
+    mngr: ocp.CheckpointManager,
+    abstract: TrainState,
+    *,
+    config: dict | None = None,
+    batch: dict | None = None,
 ) -> tuple[TrainState, dict, dict] | None:
-    """Restores the newest readable checkpoint.
+    """Restores the newest usable checkpoint.
 
     Args:
       mngr: the ``checkpoints`` manager.
       abstract: ShapeDtypeStructs with shardings for the state (``training.state.abstract_state``).
+      config: the current configuration as a plain dict, to name the fields that changed.
+      batch: the current batch layout (``meta['batch']`` of new checkpoints); a checkpoint
+        saved with another one does not fit.
 
     Returns:
-      ``(state, data_state, meta)``, or None when there is no readable checkpoint.
+      ``(state, data_state, meta)``, or None when there is no checkpoint (or only damaged ones,
+      all moved to ``corrupt_checkpoints/``).
+
+    Raises:
+      CheckpointMismatchError: the newest readable checkpoint does not fit the configuration.
+      CheckpointReadError: reading failed, not (known to be) because of damage.
     """
     for step in sorted(mngr.all_steps(), reverse=True):
+        where = f"{mngr.directory}/{step}"
         try:
-            restored = mngr.restore(
-                step,
-                args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(abstract.params),
-                    opt_state=ocp.args.StandardRestore(abstract.opt_state),
-                    data=ocp.args.JsonRestore(),
-                    meta=ocp.args.JsonRestore(),
+            meta = _meta(mngr, step, where)
+            _check_fits(mngr, step, abstract, meta, config, batch)
+            restored = _read(
+                lambda step=step: mngr.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        params=ocp.args.StandardRestore(abstract.params),
+                        opt_state=ocp.args.StandardRestore(abstract.opt_state),
+                        data=ocp.args.JsonRestore(),
+                        meta=ocp.args.JsonRestore(),
+                    ),
                 ),
+                where,
             )
-        except Exception as err:  # any failure to read means: do not trust this checkpoint
+        except _Damaged as err:
             log.warning(
-                "checkpoint %s/%d is unreadable (%s: %s); moving it to corrupt_checkpoints/ and "
-                "trying the previous one",
-                mngr.directory,
-                step,
-                type(err).__name__,
-                str(err).splitlines()[0][:200] if str(err) else "",
+                "checkpoint %s is damaged (%s); moving it to corrupt_checkpoints/ and trying the "
+                "previous one",
+                where,
+                err,
             )
             _set_aside(mngr, step)
             continue
-        meta = dict(restored["meta"])
         if meta.get("step") != step:
             log.warning("checkpoint %d has meta step %s; using it anyway", step, meta.get("step"))
+        if config is not None and (changed := config_differences(meta.get("config"), config)):
+            log.warning("resuming from step %d with changed configuration: %s", step, changed)
         state = TrainState(
             step=jax.numpy.asarray(step, jax.numpy.int32),
             params=restored["params"],
@@ -126,6 +283,23 @@ def restore_latest(
         )
         return state, dict(restored["data"]), meta
     return None
+
+
+def best_score(mngr: ocp.CheckpointManager) -> float | None:
+    """The dev BLEU of the newest ``best`` checkpoint, or None if there is none (or unreadable).
+
+    A run stopped right after saving a new best checkpoint has not yet recorded its BLEU in a
+    regular checkpoint; this is where a resumed run learns it.
+    """
+    steps = mngr.all_steps()
+    if not steps:
+        return None
+    where = f"{mngr.directory}/{max(steps)}"
+    try:
+        return float(_meta(mngr, max(steps), where)["bleu"])
+    except (_Damaged, CheckpointReadError, KeyError, TypeError, ValueError) as err:
+        log.warning("cannot read the BLEU of best checkpoint %s (%s)", where, describe(err))
+        return None
 
 
 def resolve(workdir: str | Path, which: str | int = "latest") -> tuple[str, int]:

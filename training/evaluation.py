@@ -57,6 +57,9 @@ class Evaluator:
             max_len=config.max_len,
             tokens_per_batch=config.eval_tokens_per_batch,
             row_multiple=shards,
+            # Pairs training would leave out are left out here too: truncating a reference
+            # scores the model on cut-off targets it never learnt to produce.
+            overlong=config.overlong,
         )
         n = config.eval_sentences or len(sources)
         self._sources, self._references = sources[:n], references[:n]

@@ -1,0 +1,55 @@
+"""Faults that are hard to cause for real, simulated for ``bench.faults`` and the tests.
+
+    python -m bench.fault_injection --fail-write-at-step=4 -- --config=configs/tiny.py ...
+
+runs ``train.py`` with the arguments after ``--``, but the checkpoint save of the given step
+fails part-way with ``OSError(ENOSPC)``, as on a full disk: the arrays are written, then the
+write of the checkpoint's ``meta`` item fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import sys
+from collections.abc import Iterator
+
+import orbax.checkpoint as ocp
+
+
+@contextlib.contextmanager
+def fail_checkpoint_writes(step: int) -> Iterator[None]:
+    """While active, writing the ``meta`` item of regular checkpoint ``step`` fails."""
+    handler = ocp.JsonCheckpointHandler
+    real = handler._save_fn
+
+    async def failing(self, item, directory):
+        # Regular checkpoints' meta has best_bleu; best/averaged ones' does not.
+        if isinstance(item, dict) and item.get("step") == step and "best_bleu" in item:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await real(self, item, directory)
+
+    handler._save_fn = failing
+    try:
+        yield
+    finally:
+        handler._save_fn = real
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fail-write-at-step", type=int, required=True)
+    parser.add_argument("train_args", nargs="*", help="train.py's arguments, after --")
+    args = parser.parse_args()
+    from absl import app
+
+    import train
+
+    train.define_flags()
+    with fail_checkpoint_writes(args.fail_write_at_step):
+        app.run(train.main, argv=["train.py", *args.train_args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The repository stands on its own: no paths outside it, its fixture corpus, no skipped tests."""
+
+import re
+import subprocess
+import sys
+
+from configs.tiny import CORPUS
+from tests.conftest import REPO
+
+# Spelled in pieces so this file does not match itself.
+OUTSIDE = ("../" + "shared", "shared/" + "corpus")
+
+
+def tracked_files() -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    return [name for name in out.split("\0") if name]
+
+
+def test_no_tracked_file_reads_outside_the_repository():
+    offenders = []
+    for name in tracked_files():
+        path = REPO / name
+        if not path.is_file():  # deleted in the work tree but still in the index
+            continue
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        for number, line in enumerate(text.splitlines(), 1):
+            if any(pattern in line for pattern in OUTSIDE):
+                offenders.append(f"{name}:{number}: {line.strip()[:100]}")
+    assert not offenders, "paths outside the repository:\n" + "\n".join(offenders)
+
+
+def test_fixture_corpus_is_small_parallel_and_licensed():
+    files = sorted(p.name for p in CORPUS.iterdir())
+    assert {"train.en", "train.es", "dev.en", "dev.es", "README.md"} <= set(files), files
+    assert sum(p.stat().st_size for p in CORPUS.iterdir()) < 1_000_000
+    for split, count in (("train", 2000), ("dev", 200)):
+        sides = [
+            (CORPUS / f"{split}.{lang}").read_text("utf-8").splitlines() for lang in ("en", "es")
+        ]
+        assert [len(side) for side in sides] == [count, count]
+        assert all(line.strip() for side in sides for line in side)
+    note = (CORPUS / "README.md").read_text("utf-8")
+    assert "public domain" in note.lower() and "World English Bible" in note
+    assert "Reina-Valera 1909" in note
+    tracked = set(tracked_files())
+    assert all(f"{CORPUS.relative_to(REPO)}/{f}" in tracked for f in files), "not committed"
+
+
+def test_a_skipped_test_fails_the_suite(tmp_path):
+    (tmp_path / "test_skips.py").write_text(
+        "import pytest\n\n\ndef test_that_skips():\n    pytest.skip('no widget here')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "--rootdir", str(tmp_path),
+         "-c", "/dev/null", str(tmp_path / "test_skips.py")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert "1 failed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
+    assert "zero skips" in result.stdout and "no widget here" in result.stdout
+
+
+def test_every_test_the_readme_table_names_exists():
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("## What happens when")[1].split("\n## ")[0]
+    rows = [
+        line for line in table.splitlines() if line.startswith("| ") and "pinned by" not in line
+    ]
+    assert len(rows) >= 15
+    named = 0
+    for row in rows:
+        pinned = row.rstrip(" |").split(" | ")[-1]
+        assert "test_" in pinned, row
+        current = None
+        for ref in re.findall(r"`([^`]+)`", pinned):
+            file, _, name = ref.partition("::")
+            current = file or current
+            source = (REPO / "tests" / current).read_text()
+            assert not name or re.search(rf"^def {name}\(", source, re.M), f"{current}::{name}"
+            named += 1
+    assert named >= 25

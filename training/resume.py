@@ -1,0 +1,157 @@
+"""How a run starts: resume its workdir, start from another workdir's parameters, or anew.
+
+- A workdir with checkpoints resumes from the newest usable one (``checkpoints.restore_latest``:
+  damaged ones are set aside, one that does not fit the configuration stops the run).
+- Otherwise ``config.init_from`` (fine-tuning) takes the parameters of another workdir's
+  checkpoint with a fresh optimizer, step 0 and a fresh input order; its tokenizer is copied so
+  the embeddings keep their meaning, and a different model configuration is refused.
+- Otherwise the model is initialised from ``config.seed``.
+
+The configuration files are written only once the run is known to start, so a refused start
+leaves the workdir's checkpoints and configuration files as they were.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from model import TransformerConfig
+from training import checkpoints
+from training.state import TrainState, init_state
+
+log = logging.getLogger("train")
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict:
+    """The configuration as plain JSON values (saved in every checkpoint's meta)."""
+    return json.loads(config.to_json_best_effort())
+
+
+def check_model_config(workdir: Path, model_cfg: TransformerConfig) -> None:
+    """Refuses to resume a workdir whose ``model_config.json`` describes another model."""
+    path = workdir / "model_config.json"
+    if not path.exists():
+        return
+    saved, new = json.loads(path.read_text()), model_cfg.to_dict()
+    if saved != new:
+        diff = {k: (saved.get(k), v) for k, v in new.items() if saved.get(k) != v}
+        raise ValueError(
+            f"{path} describes a different model than this config (field: (saved, new)): "
+            f"{diff}; use a new --workdir or the original config"
+        )
+
+
+def write_configs(
+    workdir: Path, config: ml_collections.ConfigDict, model_cfg: TransformerConfig
+) -> None:
+    """Saves the resolved configs (process 0)."""
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        (workdir / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
+
+
+def parse_init_from(init_from: str, workdir: Path) -> tuple[Path, str | int]:
+    """``(source workdir, which checkpoint)`` named by ``config.init_from``.
+
+    Accepted: ``WORKDIR`` (its newest regular checkpoint), ``WORKDIR/best``,
+    ``WORKDIR/averaged`` or ``WORKDIR/checkpoints/STEP``.
+
+    Raises:
+      ValueError: another form, or the run's own workdir.
+    """
+    path = Path(init_from).expanduser()
+    if (path / "model_config.json").exists():
+        source, which = path, "latest"
+    elif path.name in ("best", "averaged"):
+        source, which = path.parent, path.name
+    elif path.parent.name == "checkpoints" and path.name.isdigit():
+        source, which = path.parent.parent, int(path.name)
+    else:
+        raise ValueError(
+            f"config.init_from={init_from!r}: expected a training workdir (with "
+            "model_config.json), WORKDIR/best, WORKDIR/averaged or WORKDIR/checkpoints/STEP"
+        )
+    if source.resolve() == workdir.resolve():
+        raise ValueError(
+            f"config.init_from={init_from!r} is this run's own --workdir; fine-tuning writes a "
+            "new workdir (the source stays untouched)"
+        )
+    return source, which
+
+
+def has_checkpoints(workdir: Path) -> bool:
+    """Whether the workdir holds a (complete) regular checkpoint."""
+    directory = workdir / "checkpoints"
+    return directory.is_dir() and bool(checkpoints.ocp.utils.checkpoint_steps(directory))
+
+
+def copy_tokenizer(source: Path, tokenizer_path: Path) -> None:
+    """Puts the source workdir's tokenizer in the new workdir (refusing a different one there)."""
+    src = source / "tokenizer.model"
+    if not src.exists():
+        raise FileNotFoundError(f"config.init_from: missing tokenizer: {src}")
+    if tokenizer_path.exists():
+        if not filecmp.cmp(src, tokenizer_path, shallow=False):
+            raise ValueError(
+                f"{tokenizer_path} differs from {src}: fine-tuning needs the tokenizer the "
+                "parameters were trained with; use a new --workdir"
+            )
+        return
+    if jax.process_index() == 0:
+        shutil.copyfile(src, tokenizer_path)
+
+
+def _check_same_model(source: Path, model_cfg: TransformerConfig) -> None:
+    path = source / "model_config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"config.init_from: missing {path}")
+    saved, new = json.loads(path.read_text()), model_cfg.to_dict()
+    if saved != new:
+        diff = {k: (saved.get(k), v) for k, v in new.items() if saved.get(k) != v}
+        raise ValueError(
+            f"config.init_from: {path} describes another model than this config (field: "
+            f"(source, new)): {diff}; fine-tuning keeps the model, so set those fields as there"
+        )
+
+
+def start_state(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    *,
+    model,
+    model_cfg: TransformerConfig,
+    tx,
+    shardings,
+    abstract: TrainState,
+    mngr,
+    batch: dict,
+) -> tuple[TrainState, dict | None, dict]:
+    """The state to train from: ``(state, data_state or None, meta)`` (see the module doc)."""
+    restored = checkpoints.restore_latest(mngr, abstract, config=config_dict(config), batch=batch)
+    if restored is not None:
+        state, data_state, meta = restored
+        if config.get("init_from"):
+            log.info("the workdir has checkpoints: resuming them (init_from is used only once)")
+        log.info("resumed from step %d", int(state.step))
+        return state, data_state, meta
+    if not config.get("init_from"):
+        log.info("initialised a new model")
+        return init_state(model, tx, shardings, jax.random.key(config.seed)), None, {}
+    source, which = parse_init_from(config.init_from, workdir)
+    _check_same_model(source, model_cfg)
+    kind, step = checkpoints.resolve(source, which)
+    params, _ = checkpoints.load_params(
+        source, step if kind == "checkpoints" else kind, abstract.params
+    )
+    # Adam's moments start at zero and the schedule at step 0: a fresh optimizer.
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    step0 = jax.device_put(jax.numpy.zeros((), jax.numpy.int32), shardings.step)
+    log.info("fine-tuning: parameters of %s/%s/%d, a fresh optimizer, step 0", source, kind, step)
+    return TrainState(step=step0, params=params, opt_state=opt_state), None, {}
