@@ -26,6 +26,7 @@ from pathlib import Path
 
 import jax
 from absl import app, flags
+from flax import linen as nn
 
 from data import DataError, Tokenizer
 from decoding.translate import SearchConfig, Translator
@@ -64,8 +65,14 @@ def load(workdir: str | Path, which: str | int = "latest", mesh=None):
     ids = jax.numpy.ones((1, 8), jax.numpy.int32)
     boxed = jax.eval_shape(model.init, jax.random.key(0), ids, ids)["params"]
     shardings = logical_to_sharding(boxed, mesh)
-    params, meta = checkpoints.load_params(workdir, which)
-    params = jax.device_put(params, shardings)
+    # Restored straight into this mesh's shardings, so a checkpoint written on another number
+    # of devices (trained on 8 GPUs, translated on 1) loads as well.
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.unbox(boxed),
+        shardings,
+    )
+    params, meta = checkpoints.load_params(workdir, which, abstract)
     log.info("loaded %s checkpoint of step %s from %s", which, meta.get("step"), workdir)
     return model, params, tokenizer
 

@@ -177,7 +177,12 @@ def decoding_batches(
     buckets = sorted(buckets or default_buckets(max_len))
     if buckets[-1] < max_len:
         raise DataError(f"largest bucket {buckets[-1]} < {max_len=}; expected it to cover max_len")
-    seqs = _encode(sources, tokenizer, max_len, "sources")
+    seqs, over = _encode(sources, tokenizer, max_len, cut=True)
+    if over.any():
+        log.warning(
+            "truncated %d of %d sources longer than max_len=%d tokens (EOS included)",
+            int(over.sum()), len(sources), max_len,
+        )  # fmt: skip
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     widths = np.asarray(buckets)[np.searchsorted(buckets, lengths)]
     order = np.argsort(lengths, kind="stable")

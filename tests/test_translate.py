@@ -104,3 +104,21 @@ def test_sampling_keys_differ_across_chunks(tiny_loaded):
     later = [sampler.translate(params, line, first_line=n)[0][0][0] for n in (1, 2, 3)]
     assert first == again  # the same line of the same file samples the same
     assert len({first[0][0][0], *later}) > 1  # another chunk's batch 0 gets another key
+
+
+def test_a_checkpoint_loads_on_another_number_of_devices(tiny_workdir, tiny_loaded):
+    import decode
+    from model import make_mesh
+
+    model, params, tokenizer = tiny_loaded  # trained and loaded on all 8 simulated devices
+    greedy = SearchConfig(method="greedy")
+    expected = Translator(model, tokenizer, greedy).translate(params, LINES[:3])
+    one, two = jax.devices()[:1], jax.devices()[:2]
+    for mesh in (make_mesh(devices=one), make_mesh(fsdp=2, devices=two)):
+        _, moved, _ = decode.load(tiny_workdir, mesh=mesh)
+        leaf = jax.tree.leaves(moved)[0]
+        assert len(leaf.sharding.device_set) <= mesh.size
+        for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(params), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        got = Translator(model, tokenizer, greedy, mesh=mesh).translate(moved, LINES[:3])
+        assert [g[0][0] for g in got] == [e[0][0] for e in expected]
