@@ -39,6 +39,29 @@ from training.evaluation import score
 log = logging.getLogger("decode")
 
 
+def read_model_config(workdir: Path) -> tuple[TransformerConfig, Tokenizer]:
+    """A workdir's model config and tokenizer, checked against each other.
+
+    Raises:
+      FileNotFoundError: the workdir, its ``model_config.json`` or ``tokenizer.model`` is missing.
+      ValueError: the tokenizer's size is not the model's vocabulary size.
+    """
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"workdir {workdir} does not exist")
+    config_path, tokenizer_path = workdir / "model_config.json", workdir / "tokenizer.model"
+    for path, what in ((config_path, "model config"), (tokenizer_path, "tokenizer")):
+        if not path.exists():
+            raise FileNotFoundError(f"missing {what}: {path} (was the workdir trained?)")
+    config = TransformerConfig.from_dict(json.loads(config_path.read_text()))
+    tokenizer = Tokenizer.load(tokenizer_path)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(
+            f"{tokenizer_path} has {tokenizer.vocab_size} tokens but {config_path} says "
+            f"vocab_size={config.vocab_size}: tokenizer and model do not match"
+        )
+    return config, tokenizer
+
+
 def load(workdir: str | Path, which: str | int = "latest", mesh=None):
     """Model, parameters and tokenizer of a workdir; errors name what is missing.
 
@@ -47,19 +70,7 @@ def load(workdir: str | Path, which: str | int = "latest", mesh=None):
       data-parallel).
     """
     workdir = Path(workdir)
-    if not workdir.is_dir():
-        raise FileNotFoundError(f"workdir {workdir} does not exist")
-    config_path, tokenizer_path = workdir / "model_config.json", workdir / "tokenizer.model"
-    for path, what in ((config_path, "model config"), (tokenizer_path, "tokenizer")):
-        if not path.exists():
-            raise FileNotFoundError(f"missing {what}: {path} (was the workdir trained?)")
-    model_cfg = TransformerConfig.from_dict(json.loads(config_path.read_text()))
-    tokenizer = Tokenizer.load(tokenizer_path)
-    if tokenizer.vocab_size != model_cfg.vocab_size:
-        raise ValueError(
-            f"{tokenizer_path} has {tokenizer.vocab_size} tokens but {config_path} says "
-            f"vocab_size={model_cfg.vocab_size}: tokenizer and model do not match"
-        )
+    model_cfg, tokenizer = read_model_config(workdir)
     model = Transformer(model_cfg)
     mesh = mesh or make_mesh()
     ids = jax.numpy.ones((1, 8), jax.numpy.int32)

@@ -8,10 +8,9 @@ saved from, so a workdir trained on 8 accelerators converts on a laptop.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from data import DataError, Tokenizer
+from data import DataError
 from interop.common import ConversionError, TransformerBundle
 from training import checkpoints
 
@@ -46,18 +45,13 @@ def read_workdir(workdir: str | Path, checkpoint: str | int | None = None) -> Tr
       ConversionError: the workdir, its config, tokenizer or the checkpoint is missing or they
         do not fit together (one-line message naming the path).
     """
-    from model import Transformer, TransformerConfig  # JAX: only when a workdir is read.
+    from decode import read_model_config  # JAX: only when a workdir is read.
+    from model import Transformer
 
     workdir, which = Path(workdir), "latest" if checkpoint is None else str(checkpoint)
+    tokenizer_path = workdir / "tokenizer.model"
     try:
-        if not workdir.is_dir():
-            raise FileNotFoundError(f"workdir {workdir} does not exist")
-        config_path, tokenizer_path = workdir / "model_config.json", workdir / "tokenizer.model"
-        for path, what in ((config_path, "model config"), (tokenizer_path, "tokenizer")):
-            if not path.exists():
-                raise FileNotFoundError(f"missing {what}: {path} (was the workdir trained?)")
-        config = TransformerConfig.from_dict(json.loads(config_path.read_text()))
-        tokenizer = Tokenizer.load(tokenizer_path)
+        config, tokenizer = read_model_config(workdir)
         kind, step = checkpoints.resolve(workdir, which)
     except (FileNotFoundError, ValueError, DataError) as err:
         raise ConversionError(f"cannot read workdir {workdir}: {err}") from None
