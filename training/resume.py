@@ -39,9 +39,8 @@ def check_model_config(workdir: Path, model_cfg: TransformerConfig) -> None:
     path = workdir / "model_config.json"
     if not path.exists():
         return
-    saved, new = json.loads(path.read_text()), model_cfg.to_dict()
-    if saved != new:
-        diff = {k: (saved.get(k), v) for k, v in new.items() if saved.get(k) != v}
+    diff = _model_diff(path, model_cfg)
+    if diff:
         raise ValueError(
             f"{path} describes a different model than this config (field: (saved, new)): "
             f"{diff}; use a new --workdir or the original config"
@@ -108,13 +107,20 @@ def copy_tokenizer(source: Path, tokenizer_path: Path) -> None:
         shutil.copyfile(src, tokenizer_path)
 
 
+def _model_diff(path: Path, model_cfg: TransformerConfig) -> dict:
+    """``{field: (saved, new)}`` for each field on which the saved config at ``path`` and
+    ``model_cfg`` differ (None where one lacks it); empty when they describe the same model."""
+    saved, new = json.loads(path.read_text()), model_cfg.to_dict()
+    diff = {k: (saved.get(k), v) for k, v in new.items() if saved.get(k) != v}
+    return diff | {k: (saved[k], None) for k in saved.keys() - new.keys()}
+
+
 def _check_same_model(source: Path, model_cfg: TransformerConfig) -> None:
     path = source / "model_config.json"
     if not path.exists():
         raise FileNotFoundError(f"config.init_from: missing {path}")
-    saved, new = json.loads(path.read_text()), model_cfg.to_dict()
-    if saved != new:
-        diff = {k: (saved.get(k), v) for k, v in new.items() if saved.get(k) != v}
+    diff = _model_diff(path, model_cfg)
+    if diff:
         raise ValueError(
             f"config.init_from: {path} describes another model than this config (field: "
             f"(source, new)): {diff}; fine-tuning keeps the model, so set those fields as there"
