@@ -10,6 +10,7 @@ write of the checkpoint's ``meta`` item fails.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import errno
 import sys
@@ -27,6 +28,10 @@ def fail_checkpoint_writes(step: int) -> Iterator[None]:
     async def failing(self, item, directory):
         # Regular checkpoints' meta has best_bleu; best/averaged ones' does not.
         if isinstance(item, dict) and item.get("step") == step and "best_bleu" in item:
+            # The items are written concurrently: let the arrays finish first, as documented,
+            # so that Orbax's clean-up does not race a write still in flight and report that
+            # ("Directory not empty") instead of the full disk.
+            await asyncio.sleep(1.0)
             raise OSError(errno.ENOSPC, "No space left on device")
         return await real(self, item, directory)
 
