@@ -29,6 +29,7 @@ from absl import app, flags
 from flax import linen as nn
 
 from data import DataError, Tokenizer
+from data.tokenizer import workdir_tokenizer, workdir_tokenizer_files
 from decoding.translate import SearchConfig, Translator
 from model import Transformer, TransformerConfig, make_mesh
 from model.compilation import enable_compilation_cache
@@ -48,15 +49,18 @@ def read_model_config(workdir: Path) -> tuple[TransformerConfig, Tokenizer]:
     """
     if not workdir.is_dir():
         raise FileNotFoundError(f"workdir {workdir} does not exist")
-    config_path, tokenizer_path = workdir / "model_config.json", workdir / "tokenizer.model"
-    for path, what in ((config_path, "model config"), (tokenizer_path, "tokenizer")):
-        if not path.exists():
-            raise FileNotFoundError(f"missing {what}: {path} (was the workdir trained?)")
+    config_path = workdir / "model_config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"missing model config: {config_path} (was the workdir trained?)")
+    if not workdir_tokenizer_files(workdir):
+        raise FileNotFoundError(
+            f"missing tokenizer: {workdir / 'tokenizer.model'} (was the workdir trained?)"
+        )
     config = TransformerConfig.from_dict(json.loads(config_path.read_text()))
-    tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer = workdir_tokenizer(workdir)
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(
-            f"{tokenizer_path} has {tokenizer.vocab_size} tokens but {config_path} says "
+            f"{workdir}'s tokenizer has {tokenizer.vocab_size} tokens but {config_path} says "
             f"vocab_size={config.vocab_size}: tokenizer and model do not match"
         )
     return config, tokenizer
@@ -189,7 +193,9 @@ def translate_file(translator, params, src: str, dst: str, chunk_lines: int, sco
 def define_flags() -> None:
     """Command-line flags; defined on demand so that importing this module defines none."""
     flags.DEFINE_string("workdir", None, "Training workdir (config, tokenizer, checkpoints).")
-    flags.DEFINE_string("checkpoint", "latest", "latest, best, averaged or a step number.")
+    flags.DEFINE_string(
+        "checkpoint", "latest", "latest, best, averaged, imported or a step number."
+    )
     flags.DEFINE_string("input", "-", "File to translate, one sentence per line; - for stdin.")
     flags.DEFINE_string("output", "-", "Where to write translations; - for stdout.")
     flags.DEFINE_string("reference", None, "Reference translations: print BLEU and chrF.")

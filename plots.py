@@ -166,7 +166,7 @@ def attention_for_sentence(
         target = translator.translate(params, [source])[0][0][0]
     max_len = model.config.max_len
     src_ids = tokenizer.encode(source)[: max_len - 1] + [tokenizer.eos_id]
-    tgt_ids = tokenizer.encode(target)[: max_len - 1] + [tokenizer.eos_id]
+    tgt_ids = tokenizer.encode(target, side="target")[: max_len - 1] + [tokenizer.eos_id]
     src = np.asarray([src_ids], np.int32)
     labels = np.asarray([tgt_ids], np.int32)
     decoder_input = np.asarray(shift_right(labels, tokenizer.bos_id))

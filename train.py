@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 import data
+from data.tokenizer import workdir_tokenizer, workdir_tokenizer_files
 from model import Transformer, make_mesh, use_mesh
 from model.compilation import enable_compilation_cache
 from training import checkpoints, evaluation, resume
@@ -98,20 +99,24 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
     workdir.mkdir(parents=True, exist_ok=True)
     train_pairs = data.open_split(config.data, "train")
     dev_pairs = data.open_split(config.data, "dev")
-    tokenizer_path = workdir / "tokenizer.model"
+    source = None
     if config.get("init_from"):
         source, _ = resume.parse_init_from(config.init_from, workdir)  # refuses a bad value
         if not resume.has_checkpoints(workdir):
             # Fine-tuning: parameters only make sense with the tokenizer they were trained with.
-            resume.copy_tokenizer(source, tokenizer_path)
-    if jax.process_index() == 0:  # one process trains it; the others load the same file
-        data.load_or_train(
-            tokenizer_path, train_pairs, vocab_size=config.vocab_size, seed=config.seed
+            resume.copy_tokenizer(source, workdir)
+    # One process trains it; the others load the same file.
+    if jax.process_index() == 0 and not workdir_tokenizer_files(workdir):
+        data.train_tokenizer(
+            train_pairs, workdir / "tokenizer.model", vocab_size=config.vocab_size, seed=config.seed
         )
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("tokenizer written")
-    tokenizer = data.Tokenizer.load(tokenizer_path)
-    model_cfg = model_config(config, tokenizer.vocab_size)
+    tokenizer = workdir_tokenizer(workdir)
+    if config.model.preset == "init_from":
+        model_cfg = resume.source_model_config(config, source)
+    else:
+        model_cfg = model_config(config, tokenizer.vocab_size)
     if config.max_len > model_cfg.max_len:
         raise ValueError(
             f"config.max_len={config.max_len} exceeds the model's max_len={model_cfg.max_len}"

@@ -14,7 +14,7 @@ def _model_overrides() -> ml_collections.ConfigDict:
     ``--config.model.overrides.dropout_rate=0.0``.
     """
     # model/config.py postpones annotations, so f.type is a string ("Norm" etc. are str values).
-    types = {"int": int, "float": float}
+    types = {"int": int, "float": float, "bool": bool}
     fields = {}
     for f in dataclasses.fields(TransformerConfig):
         if f.name == "vocab_size":  # set by the tokenizer (config.vocab_size)
@@ -30,7 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Model: a TransformerConfig preset plus overrides (any TransformerConfig field).
     c.model = ml_collections.ConfigDict()
-    c.model.preset = "base"  # 'base' | 'big' | 'tiny'
+    # 'base' | 'big' | 'tiny' | 'init_from' (the model of config.init_from's workdir; then only
+    # the dropout rates and dtype may be overridden).
+    c.model.preset = "base"
     c.model.overrides = _model_overrides()
 
     # Data (fields documented in data/__init__.py).

@@ -39,10 +39,12 @@ def default_buckets(max_len: int, smallest: int = 8) -> list[int]:
     return [*widths, max_len]
 
 
-def _encode(texts: Sequence[str], tokenizer: Tokenizer, max_len: int, cut: bool):
+def _encode(
+    texts: Sequence[str], tokenizer: Tokenizer, max_len: int, cut: bool, side: str = "source"
+):
     """Ids + EOS per text, and which are longer than `max_len`; cut to it if `cut`."""
     out, over = [], np.zeros(len(texts), dtype=bool)
-    for i, ids in enumerate(tokenizer.encode_batch(texts)):
+    for i, ids in enumerate(tokenizer.encode_batch(texts, side=side)):
         if len(ids) + 1 > max_len:
             over[i] = True
             ids = ids[: max_len - 1] if cut else ids
@@ -108,7 +110,10 @@ def padded_batches(
     sides = {"inputs": sources} if targets is None else {"inputs": sources, "targets": targets}
     features, over = {}, np.zeros(len(sources), dtype=bool)
     for k, texts in sides.items():
-        features[k], too_long = _encode(texts, tokenizer, max_len, cut=overlong == "truncate")
+        side = "source" if k == "inputs" else "target"
+        features[k], too_long = _encode(
+            texts, tokenizer, max_len, cut=overlong == "truncate", side=side
+        )
         if too_long.any():
             log.warning(
                 "%s %d of %d %s longer than max_len=%d tokens (EOS included)",

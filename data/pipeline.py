@@ -89,8 +89,9 @@ def encode_pairs(
     len_chunks: dict[str, list[np.ndarray]] = {k: [] for k in FEATURES}
     for begin in range(0, len(indices), _ENCODE_CHUNK):
         batch = [pairs[int(i)] for i in indices[begin : begin + _ENCODE_CHUNK]]
-        for k, side in zip(FEATURES, zip(*batch, strict=True), strict=True):
-            encoded = tokenizer.encode_batch(side)
+        for k, texts in zip(FEATURES, zip(*batch, strict=True), strict=True):
+            side = "source" if k == "inputs" else "target"
+            encoded = tokenizer.encode_batch(texts, side=side)
             n = np.fromiter(map(len, encoded), np.int64, len(encoded))
             len_chunks[k].append(n)
             flat_chunks[k].append(

@@ -61,11 +61,17 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
-    def encode(self, text: str) -> list[int]:
-        """Returns the ids of `text`, without BOS or EOS."""
+    def encode(self, text: str, *, side: str = "source") -> list[int]:
+        """Returns the ids of `text`, without BOS or EOS.
+
+        `side` ('source' or 'target') says which language the text is in; one model serves
+        both here (tokenizers with one model per side, such as Marian's, use it).
+        """
         return self._sp.encode(text)
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], num_threads: int = -1, *, side: str = "source"
+    ) -> list[list[int]]:
         """Like `encode` for many texts, using SentencePiece's C++ thread pool."""
         return self._sp.encode(list(texts), num_threads=num_threads)
 
@@ -195,3 +201,34 @@ def load_or_train(path: str | Path, pairs: Sequence[tuple[str, str]], **kwargs) 
         log.info("loading tokenizer %s", path)
         return Tokenizer.load(path)
     return train_tokenizer(pairs, path, **kwargs)
+
+
+def workdir_tokenizer(workdir: str | Path):
+    """The tokenizer a workdir holds: ``tokenizer.model`` (trained here) or an imported
+    Marian tokenizer (``marian_tokenizer.json`` and its files, see ``data.marian_tokenizer``).
+
+    Raises:
+      FileNotFoundError: the workdir has neither.
+      DataError: the files are there but unusable.
+    """
+    from data import marian_tokenizer  # Imports this module: load it only when needed.
+
+    workdir = Path(workdir)
+    if (workdir / "tokenizer.model").exists():
+        return Tokenizer.load(workdir / "tokenizer.model")
+    if (workdir / marian_tokenizer.DESCRIPTOR).exists():
+        return marian_tokenizer.MarianTokenizer.load(workdir)
+    raise FileNotFoundError(f"missing tokenizer: {workdir / 'tokenizer.model'}")
+
+
+def workdir_tokenizer_files(workdir: str | Path) -> list[Path]:
+    """The files of a workdir's tokenizer (empty if it has none), to copy or compare."""
+    from data import marian_tokenizer
+
+    workdir = Path(workdir)
+    if (workdir / "tokenizer.model").exists():
+        return [workdir / "tokenizer.model"]
+    if (workdir / marian_tokenizer.DESCRIPTOR).exists():
+        names = (*marian_tokenizer.FILES, marian_tokenizer.DESCRIPTOR)
+        return [workdir / n for n in names]
+    return []

@@ -25,9 +25,14 @@ a projection's output features are ordered head-major (``h * K + k``), as ``[D, 
   encoder_norm, decoder_norm (pre-LN only)    {encoder,decoder}/layer_norm
   layer_norm_epsilon                          config.json layer_norm_epsilon (else CT2 uses 1e-5)
 
-Attention projections have no biases and the output projection none either. The vocabulary is
-the SentencePiece pieces of ids 0..V-1; the decoder starts from the BOS piece; sources are the
-pieces followed by ``</s>``, which callers append (``source_tokens``), as the project does.
+  attention_bias: query_bias, key_bias,       the biases of the same linears (fused the same way)
+  value_bias [H, K], out_bias [D]
+  logits_bias: embed/logits_bias [V]          decoder/projection bias
+  activation relu | swish | gelu              spec activation RELU | SWISH | GELU (erf)
+
+The vocabulary is the pieces of ids 0..V-1; the decoder starts from the tokenizer's start piece
+(BOS, or ``<pad>`` for an imported Marian model); sources are the pieces followed by ``</s>``,
+which callers append (``source_tokens``), as the project does.
 """
 
 from __future__ import annotations
@@ -43,13 +48,18 @@ from ctranslate2.converters import Converter
 from ctranslate2.specs import common_spec, transformer_spec
 from ctranslate2.specs.model_spec import ACCEPTED_MODEL_TYPES, visit_spec
 
-from data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from data.tokenizer import EOS_ID, PAD_ID, Tokenizer
 from interop.common import ConversionError, TransformerBundle, check_new_output, staged_directory
 
 log = logging.getLogger("interop")
 
 QUANTIZATIONS = ACCEPTED_MODEL_TYPES  # int8, int8_float32, ..., int16, float16, bfloat16, float32
 _BFLOAT16 = ("bfloat16", "int8_bfloat16")
+_ACTIVATIONS = {
+    "relu": common_spec.Activation.RELU,
+    "swish": common_spec.Activation.SWISH,
+    "gelu": common_spec.Activation.GELU,
+}
 
 
 def check_quantization(quantization: str | None) -> None:
@@ -86,6 +96,14 @@ class _Params:
         self._read.add(path)
         return np.array(node, dtype=np.float32, order="C")  # A copy: CT2 quantizes in place.
 
+    def has(self, *path: str) -> bool:
+        node = self._tree
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                return False
+            node = node[key]
+        return True
+
     def unread(self) -> list[str]:
         def leaves(node, prefix):
             if isinstance(node, dict):
@@ -119,18 +137,27 @@ def _set_ffn(spec, p: _Params, layer: str) -> None:
     _set_norm(spec.layer_norm, p, layer, "norm_ff")
 
 
+def _set_linear(spec, p: _Params, layer: str, module: str, names: tuple[str, ...]) -> None:
+    """One CT2 linear from one or more (fused) projections, with their biases if any."""
+    if names == ("out",):
+        spec.weight = _out_proj(p(layer, module, "out"))
+    else:
+        spec.weight = np.concatenate([_in_proj(p(layer, module, n)) for n in names], axis=0)
+    if p.has(layer, module, f"{names[0]}_bias"):
+        biases = [p(layer, module, f"{n}_bias").reshape(-1) for n in names]
+        spec.bias = np.concatenate(biases)
+
+
 def _set_self_attention(spec, p: _Params, layer: str, norm: str) -> None:
-    qkv = [_in_proj(p(layer, "self_attention", name)) for name in ("query", "key", "value")]
-    spec.linear[0].weight = np.concatenate(qkv, axis=0)
-    spec.linear[1].weight = _out_proj(p(layer, "self_attention", "out"))
+    _set_linear(spec.linear[0], p, layer, "self_attention", ("query", "key", "value"))
+    _set_linear(spec.linear[1], p, layer, "self_attention", ("out",))
     _set_norm(spec.layer_norm, p, layer, norm)
 
 
 def _set_cross_attention(spec, p: _Params, layer: str) -> None:
-    spec.linear[0].weight = _in_proj(p(layer, "cross_attention", "query"))
-    kv = [_in_proj(p(layer, "cross_attention", name)) for name in ("key", "value")]
-    spec.linear[1].weight = np.concatenate(kv, axis=0)
-    spec.linear[2].weight = _out_proj(p(layer, "cross_attention", "out"))
+    _set_linear(spec.linear[0], p, layer, "cross_attention", ("query",))
+    _set_linear(spec.linear[1], p, layer, "cross_attention", ("key", "value"))
+    _set_linear(spec.linear[2], p, layer, "cross_attention", ("out",))
     _set_norm(spec.layer_norm, p, layer, "norm_cross")
 
 
@@ -148,14 +175,14 @@ def make_spec(bundle: TransformerBundle) -> transformer_spec.TransformerSpec:
         (cfg.num_encoder_layers, cfg.num_decoder_layers),
         cfg.num_heads,
         pre_norm=cfg.norm == "pre",
-        activation=common_spec.Activation.RELU,
+        activation=_ACTIVATIONS[cfg.activation],
     )
-    pieces = bundle.pieces()
+    pieces, tok = bundle.pieces(), bundle.tokenizer
     spec.config.layer_norm_epsilon = float(cfg.layer_norm_epsilon)
-    spec.config.unk_token = pieces[UNK_ID]
-    spec.config.bos_token = pieces[BOS_ID]
-    spec.config.eos_token = pieces[EOS_ID]
-    spec.config.decoder_start_token = pieces[BOS_ID]
+    spec.config.unk_token = pieces[tok.unk_id]
+    spec.config.bos_token = pieces[tok.bos_id]
+    spec.config.eos_token = pieces[tok.eos_id]
+    spec.config.decoder_start_token = pieces[tok.bos_id]
     spec.config.add_source_bos = spec.config.add_source_eos = False
 
     embedding = p("embed", "embedding")  # [V, D]
@@ -165,7 +192,9 @@ def make_spec(bundle: TransformerBundle) -> transformer_spec.TransformerSpec:
         side.position_encodings.encodings = np.array(table, np.float32)  # [max_len, D]
     spec.encoder.embeddings[0].weight = embedding
     spec.decoder.embeddings.weight = embedding.copy()  # Equal arrays are aliased on save.
-    spec.decoder.projection.weight = embedding.copy()  # tied, no bias: logits = y E^T
+    spec.decoder.projection.weight = embedding.copy()  # tied: logits = y E^T (+ bias)
+    if cfg.logits_bias:
+        spec.decoder.projection.bias = p("embed", "logits_bias")
 
     for i, layer in enumerate(spec.encoder.layer):
         _set_self_attention(layer.self_attention, p, f"encoder_layers_{i}", "norm_attention")
@@ -219,6 +248,10 @@ class BundleConverter(Converter):
             path = self.bundle.tokenizer_path
             if path is not None and path.is_file():
                 spec.register_file(str(path), "tokenizer.model")
+            for name in ("source.spm", "target.spm"):  # an imported Marian tokenizer's
+                path = getattr(self.bundle.tokenizer, "files", {}).get(name)
+                if path is not None and path.is_file():
+                    spec.register_file(str(path), name)
             self._spec = spec
         return self._spec
 

@@ -55,11 +55,33 @@ def _read_workdir(path: str, checkpoint: str | None = None) -> TransformerBundle
     return read_workdir(path, checkpoint)
 
 
+def _marian():
+    try:
+        import safetensors  # noqa: F401
+
+        from interop import marian
+    except ImportError as err:
+        raise ConversionError(f"marian: needs the {err.name} package: pip install -e .") from None
+    return marian
+
+
+def _workdir():
+    from interop import workdir
+
+    return workdir
+
+
 READERS: dict[str, Reader] = {
     "workdir": Reader(
         help="a train.py workdir (model_config.json, tokenizer.model, checkpoints)",
         options=("checkpoint",),
         read=_read_workdir,
+    ),
+    "marian": Reader(
+        help="a Hugging Face Marian (OPUS-MT) directory: config.json, model.safetensors, "
+        "source.spm, target.spm, vocab.json",
+        options=(),
+        read=lambda path: _marian().read(path),
     ),
 }
 
@@ -71,6 +93,18 @@ WRITERS: dict[str, Writer] = {
         write=lambda bundle, path, force, **o: _ctranslate2().export(
             bundle, path, force=force, **o
         ),
+    ),
+    "marian": Writer(
+        help="a Hugging Face Marian directory (MarianMTModel / MarianTokenizer.from_pretrained)",
+        options=(),
+        check=lambda path, force: _marian().check_output(path, force),
+        write=lambda bundle, path, force: _marian().write(bundle, path, force=force),
+    ),
+    "workdir": Writer(
+        help="a workdir for decode.py, plots.py and train.py --config.init_from",
+        options=(),
+        check=lambda path, force: _workdir().check_output(path, force),
+        write=lambda bundle, path, force: _workdir().write_workdir(bundle, path, force=force),
     ),
 }
 

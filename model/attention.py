@@ -133,7 +133,8 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
 class MultiHeadAttention(nn.Module):
     """MultiHead(Q, K, V) = Concat(head_1..head_H) W^O, head_i = Attention(Q W_i^Q, ...).
 
-    The projections carry no biases, as in the paper's equations.
+    The projections carry no biases, as in the paper's equations, unless
+    ``config.attention_bias`` (Marian's attention has them).
     """
 
     config: TransformerConfig
@@ -154,15 +155,23 @@ class MultiHeadAttention(nn.Module):
         self.key = proj("key", w_in, in_axes, (d, h, k))
         self.value = proj("value", w_in, in_axes, (d, h, k))
         self.out = proj("out", w_out, out_axes, (h, k, d))
+        if cfg.attention_bias:
+            zeros = nn.initializers.zeros_init()
+            self.query_bias = proj("query_bias", zeros, ("heads", "kv"), (h, k))
+            self.key_bias = proj("key_bias", zeros, ("heads", "kv"), (h, k))
+            self.value_bias = proj("value_bias", zeros, ("heads", "kv"), (h, k))
+            self.out_bias = proj("out_bias", zeros, ("embed",), (d,))
 
-    def _heads(self, x: jax.Array, w: jax.Array) -> jax.Array:
+    def _heads(self, x: jax.Array, w: jax.Array, bias: str) -> jax.Array:
         y = matmul("btd,dhk->bthk", x, w, self.config.compute_dtype)
+        if self.config.attention_bias:
+            y = y + getattr(self, bias)
         y = y.astype(self.config.compute_dtype)
         return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
 
     def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``[B, S, D]`` -> keys and values, each ``[B, S, H, K]``."""
-        return self._heads(x, self.key), self._heads(x, self.value)
+        return self._heads(x, self.key, "key_bias"), self._heads(x, self.value, "value_bias")
 
     def project_kv_cache(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``[B, S, D]`` -> head-major keys and values for a decoding cache, ``[B, H, S, K]``."""
@@ -184,8 +193,7 @@ class MultiHeadAttention(nn.Module):
         Returns:
           ``[R, T, D]``.
         """
-        cfg = self.config
-        q = self._heads(x, self.query)  # [R, T, H, K]
+        q = self._heads(x, self.query, "query_bias")  # [R, T, H, K]
         rows, t = q.shape[:2]
         group = rows // k.shape[0]
         if group * k.shape[0] != rows:
@@ -196,7 +204,14 @@ class MultiHeadAttention(nn.Module):
             mask = jnp.tile(mask, (1, 1, group, 1))
         out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         out = out.reshape(rows, t, *out.shape[2:])
+        return self._project_out(out)
+
+    def _project_out(self, out: jax.Array) -> jax.Array:
+        """``[B, T, H, K]`` heads -> ``[B, T, D]`` (W^O, plus its bias if any)."""
+        cfg = self.config
         y = matmul("bthk,hkd->btd", out, self.out, cfg.compute_dtype)
+        if cfg.attention_bias:
+            y = y + self.out_bias
         return y.astype(cfg.compute_dtype)
 
     def __call__(
@@ -221,7 +236,7 @@ class MultiHeadAttention(nn.Module):
           probabilities ``[B, H, T, S]`` as ``attention_weights``.
         """
         cfg = self.config
-        q = self._heads(x, self.query)
+        q = self._heads(x, self.query, "query_bias")
         k, v = self.project_kv(x) if kv is None else kv
         dropout = 0.0 if deterministic else cfg.attention_dropout_rate
         want_weights = self.is_mutable_collection("intermediates")
@@ -232,5 +247,4 @@ class MultiHeadAttention(nn.Module):
                 self.sow("intermediates", "attention_weights", probs)
         else:
             out = fused_attention(q, k, v, mask)
-        y = matmul("bthk,hkd->btd", out, self.out, cfg.compute_dtype)
-        return y.astype(cfg.compute_dtype)
+        return self._project_out(out)

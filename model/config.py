@@ -20,6 +20,7 @@ from typing import Literal
 import jax.numpy as jnp
 
 Norm = Literal["post", "pre"]
+Activation = Literal["relu", "swish", "gelu"]
 PositionalLayout = Literal["interleaved", "concat"]
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -46,6 +47,11 @@ class TransformerConfig:
       positional_encoding: "interleaved" is the paper's PE(pos, 2i) = sin, PE(pos, 2i+1) = cos;
         "concat" is tensor2tensor's [sin | cos] halves layout.
       layer_norm_epsilon: epsilon of every LayerNorm.
+      activation: the feed-forward non-linearity: "relu" (the paper's max(0, x)), "swish"
+        (x * sigmoid(x), Marian/OPUS-MT's) or "gelu" (the exact, erf-based GELU).
+      attention_bias: biases on the attention projections W^Q, W^K, W^V, W^O (Marian has them;
+        the paper's equations do not).
+      logits_bias: a bias added to the output logits (Marian's ``final_logits_bias``).
     """
 
     vocab_size: int
@@ -62,6 +68,9 @@ class TransformerConfig:
     norm: Norm = "post"
     positional_encoding: PositionalLayout = "interleaved"
     layer_norm_epsilon: float = 1e-6
+    activation: Activation = "relu"
+    attention_bias: bool = False
+    logits_bias: bool = False
 
     def __post_init__(self):
         for name in (
@@ -103,6 +112,16 @@ class TransformerConfig:
                 "TransformerConfig.positional_encoding must be 'interleaved' or 'concat', "
                 f"got {self.positional_encoding!r}"
             )
+        if self.activation not in ("relu", "swish", "gelu"):
+            raise ValueError(
+                "TransformerConfig.activation must be 'relu', 'swish' or 'gelu', "
+                f"got {self.activation!r}"
+            )
+        for name in ("attention_bias", "logits_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"TransformerConfig.{name} must be True or False, got {getattr(self, name)!r}"
+                )
         if not self.layer_norm_epsilon > 0:
             raise ValueError(
                 f"TransformerConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}"

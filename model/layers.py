@@ -74,6 +74,13 @@ class Embed(nn.Module):
             (cfg.vocab_size, cfg.d_model),
             cfg.params_dtype,
         )
+        if cfg.logits_bias:
+            self.logits_bias = self.param(
+                "logits_bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)),
+                (cfg.vocab_size,),
+                cfg.params_dtype,
+            )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         """``[B, T]`` int ids -> ``[B, T, D]`` embeddings multiplied by sqrt(d_model)."""
@@ -82,13 +89,30 @@ class Embed(nn.Module):
         return (x * math.sqrt(cfg.d_model)).astype(cfg.compute_dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        """``[B, T, D]`` -> float32 logits ``[B, T, V]`` with the transposed embedding matrix."""
-        logits = matmul("btd,vd->btv", x, self.embedding, self.config.compute_dtype)
+        """``[B, T, D]`` -> float32 logits ``[B, T, V]`` with the transposed embedding matrix.
+
+        With ``config.logits_bias`` a learned ``[V]`` bias (Marian's ``final_logits_bias``) is
+        added.
+        """
+        cfg = self.config
+        logits = matmul("btd,vd->btv", x, self.embedding, cfg.compute_dtype)
+        if cfg.logits_bias:
+            logits = logits + self.logits_bias.astype(jnp.float32)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
 class FeedForward(nn.Module):
-    """FFN(x) = max(0, x W1 + b1) W2 + b2 (equation 2), ``[B, T, D] -> [B, T, D]``."""
+    """FFN(x) = act(x W1 + b1) W2 + b2, ``[B, T, D] -> [B, T, D]``.
+
+    With the default ``act = relu`` this is the paper's equation 2, max(0, x W1 + b1) W2 + b2.
+    """
 
     config: TransformerConfig
 
@@ -115,7 +139,7 @@ class FeedForward(nn.Module):
         b2 = self.param(
             "bo", nn.with_logical_partitioning(zeros, ("embed",)), (cfg.d_model,), cfg.params_dtype
         )
-        h = jax.nn.relu(matmul("btd,df->btf", x, w1, cfg.compute_dtype) + b1)
+        h = ACTIVATIONS[cfg.activation](matmul("btd,df->btf", x, w1, cfg.compute_dtype) + b1)
         h = nn.with_logical_constraint(h.astype(cfg.compute_dtype), ("batch", "length", "mlp"))
         y = matmul("btf,fd->btd", h, w2, cfg.compute_dtype) + b2
         return y.astype(cfg.compute_dtype)

@@ -223,7 +223,13 @@ class Transformer(nn.Module):
           src_segments, tgt_segments, tgt_positions: packing information (see ``encode``).
           deterministic: disables dropout.
         """
-        tgt_valid, src_valid = tgt != 0, src != 0
+        src_valid = src != 0
+        # The decoder's start token may be the padding id (Marian's is), so where real target
+        # tokens are is known from the segments, or else from "position 0 or not padding".
+        if tgt_segments is not None:
+            tgt_valid = tgt_segments != 0
+        else:
+            tgt_valid = (tgt != 0) | (jnp.arange(tgt.shape[1]) == 0)[None, :]
         self_mask = attention_mask(
             tgt_valid, tgt_valid, q_segments=tgt_segments, k_segments=tgt_segments, causal=True
         )
@@ -326,7 +332,9 @@ def shift_right(targets: jax.Array, bos_id: int, segments: jax.Array | None = No
 
     Args:
       targets: ``[B, T]`` target ids ending in EOS, 0 = padding.
-      bos_id: the decoder start id (non-zero, so it is never mistaken for padding).
+      bos_id: the decoder start id. It may be 0, the padding id (Marian's decoder starts from
+        its padding token): ``Transformer.decode`` treats each example's first position as
+        real whatever its id.
       segments: ``[B, T]`` segment ids of packed rows, or None for one example per row.
 
     Returns:

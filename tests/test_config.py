@@ -25,6 +25,9 @@ from model import TransformerConfig
         ({"norm": "sandwich"}, "norm must be 'post' or 'pre', got 'sandwich'"),
         ({"positional_encoding": "learned"}, "positional_encoding must be .*, got 'learned'"),
         ({"layer_norm_epsilon": 0.0}, "layer_norm_epsilon must be > 0, got 0.0"),
+        ({"activation": "tanh"}, "activation must be 'relu', 'swish' or 'gelu', got 'tanh'"),
+        ({"attention_bias": 1}, "attention_bias must be True or False, got 1"),
+        ({"logits_bias": "yes"}, "logits_bias must be True or False, got 'yes'"),
     ],
 )
 def test_invalid_settings_raise_value_error_naming_field_and_value(changes, message):

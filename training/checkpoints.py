@@ -5,6 +5,7 @@ Layout (one Orbax item per piece of state):
     WORKDIR/checkpoints/<step>/{params, opt_state, data, meta}   the last K, for resuming
     WORKDIR/best/<step>/{params, meta}                            the best by dev BLEU
     WORKDIR/averaged/<step>/{params, meta}                        from `python -m training.average`
+    WORKDIR/imported/0/{params, meta}                             written by convert.py
 
 ``data`` is the input iterator's state and ``meta`` holds the step, the seed, the configuration
 and bookkeeping. Orbax writes each checkpoint to a temporary directory and renames it when
@@ -49,7 +50,8 @@ from training.state import TrainState
 
 log = logging.getLogger(__name__)
 
-KINDS = ("checkpoints", "best", "averaged")
+# "imported": the parameters convert.py writes into a new workdir (``imported/0``).
+KINDS = ("checkpoints", "best", "averaged", "imported")
 # Seconds to wait before each new try of a read that failed with a transient error.
 RETRY_DELAYS_S = (1.0, 4.0, 15.0)
 
@@ -317,10 +319,14 @@ def resolve(workdir: str | Path, which: str | int = "latest") -> tuple[str, int]
     kind = "checkpoints" if which == "latest" or isinstance(which, int) else which
     if kind not in KINDS:
         raise ValueError(
-            f"--checkpoint must be latest, best, averaged or a step number, got {which!r}"
+            f"--checkpoint must be latest, best, averaged, imported or a step number, got {which!r}"
         )
     directory = workdir / kind
     steps = sorted(ocp.utils.checkpoint_steps(directory)) if directory.exists() else []
+    if not steps and which == "latest" and (workdir / "imported").is_dir():
+        # A workdir convert.py wrote: its imported parameters until training saves its own.
+        kind, directory = "imported", workdir / "imported"
+        steps = sorted(ocp.utils.checkpoint_steps(directory))
     if not steps:
         raise FileNotFoundError(f"no {kind} checkpoint in {directory} (is --workdir right?)")
     if isinstance(which, int):

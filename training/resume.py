@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
+from data.tokenizer import workdir_tokenizer_files
 from model import TransformerConfig
 from training import checkpoints
 from training.state import TrainState, init_state
@@ -91,20 +92,29 @@ def has_checkpoints(workdir: Path) -> bool:
     return directory.is_dir() and bool(checkpoints.ocp.utils.checkpoint_steps(directory))
 
 
-def copy_tokenizer(source: Path, tokenizer_path: Path) -> None:
-    """Puts the source workdir's tokenizer in the new workdir (refusing a different one there)."""
-    src = source / "tokenizer.model"
-    if not src.exists():
-        raise FileNotFoundError(f"config.init_from: missing tokenizer: {src}")
-    if tokenizer_path.exists():
-        if not filecmp.cmp(src, tokenizer_path, shallow=False):
+def copy_tokenizer(source: Path, workdir: Path) -> None:
+    """Puts the source workdir's tokenizer files (``tokenizer.model``, or an imported Marian
+    tokenizer's) in the new workdir, refusing different ones already there."""
+    files = workdir_tokenizer_files(source)
+    if not files:
+        raise FileNotFoundError(
+            f"config.init_from: missing tokenizer: {source / 'tokenizer.model'}"
+        )
+    for src in files:
+        dst = workdir / src.name
+        if dst.exists() and not filecmp.cmp(src, dst, shallow=False):
             raise ValueError(
-                f"{tokenizer_path} differs from {src}: fine-tuning needs the tokenizer the "
+                f"{dst} differs from {src}: fine-tuning needs the tokenizer the "
                 "parameters were trained with; use a new --workdir"
             )
-        return
     if jax.process_index() == 0:
-        shutil.copyfile(src, tokenizer_path)
+        # The descriptor (or tokenizer.model) last, so a crash never leaves a loadable half.
+        for src in files:
+            dst = workdir / src.name
+            if not dst.exists():
+                tmp = dst.with_name(f".{dst.name}.tmp")
+                shutil.copyfile(src, tmp)
+                tmp.replace(dst)
 
 
 def _model_diff(path: Path, model_cfg: TransformerConfig) -> dict:
@@ -115,11 +125,36 @@ def _model_diff(path: Path, model_cfg: TransformerConfig) -> dict:
     return diff | {k: (saved[k], None) for k in saved.keys() - new.keys()}
 
 
+# Fields fine-tuning may change: they do not change the parameters.
+_TRAINING_ONLY = ("dropout_rate", "attention_dropout_rate", "dtype")
+
+
+def source_model_config(
+    config: ml_collections.ConfigDict, source: Path | None
+) -> TransformerConfig:
+    """``config.model.preset = "init_from"``: the source workdir's model, with the config's
+    overrides of the fields fine-tuning may change (dropout, compute dtype)."""
+    if source is None:
+        raise ValueError("config.model.preset='init_from' needs config.init_from=WORKDIR")
+    path = source / "model_config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"config.init_from: missing {path}")
+    values = json.loads(path.read_text())
+    overrides = {k: v for k, v in config.model.overrides.items() if v is not None}
+    others = sorted(set(overrides) - set(_TRAINING_ONLY))
+    if others:
+        raise ValueError(
+            f"config.model.overrides {others}: with preset='init_from' only {_TRAINING_ONLY} may "
+            "be set (the rest is the source model's)"
+        )
+    return TransformerConfig.from_dict({**values, **overrides})
+
+
 def _check_same_model(source: Path, model_cfg: TransformerConfig) -> None:
     path = source / "model_config.json"
     if not path.exists():
         raise FileNotFoundError(f"config.init_from: missing {path}")
-    diff = _model_diff(path, model_cfg)
+    diff = {k: v for k, v in _model_diff(path, model_cfg).items() if k not in _TRAINING_ONLY}
     if diff:
         raise ValueError(
             f"config.init_from: {path} describes another model than this config (field: "

@@ -38,7 +38,9 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> Transfor
     """The TransformerConfig named by ``config.model`` (a preset plus overrides)."""
     preset = config.model.preset
     if preset not in ("base", "big", "tiny"):
-        raise ValueError(f"config.model.preset must be 'base', 'big' or 'tiny', got {preset!r}")
+        raise ValueError(
+            f"config.model.preset must be 'base', 'big', 'tiny' or 'init_from', got {preset!r}"
+        )
     overrides = {k: v for k, v in config.model.overrides.items() if v is not None}
     return getattr(TransformerConfig, preset)(vocab_size, **overrides)
 
