@@ -114,6 +114,12 @@ def _model_config(hf: dict, path: Path):
         "scale_embedding", hf.get("scale_embedding") is True, "true: embeddings times sqrt(d_model)"
     )
     need("normalize_before", not hf.get("normalize_before", False), "false: Marian is post-LN")
+    # Fields older OPUS-MT configs carry from BART: their Marian values, or a model this is not.
+    need("normalize_embedding", not hf.get("normalize_embedding", False), "false")
+    need("add_final_layer_norm", not hf.get("add_final_layer_norm", False), "false")
+    need("static_position_embeddings", hf.get("static_position_embeddings", True),
+         "true: the fixed sinusoid")  # fmt: skip
+    need("add_bias_logits", not hf.get("add_bias_logits", False), "false")
     need("activation_function", hf.get("activation_function") in _ACTIVATIONS,
          f"one of {sorted(_ACTIVATIONS)}")  # fmt: skip
     heads = hf.get("encoder_attention_heads")

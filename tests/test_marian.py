@@ -240,6 +240,8 @@ def _edit_config(directory, **changes):
         (lambda d: _edit_config(d, share_encoder_decoder_embeddings=False),
          "share_encoder_decoder_embeddings=False is not supported"),
         (lambda d: _edit_config(d, normalize_before=True), "normalize_before=True"),
+        (lambda d: _edit_config(d, static_position_embeddings=False),
+         "static_position_embeddings=False is not supported"),
         (lambda d: _edit_config(d, activation_function="tanh"), "activation_function='tanh'"),
         (lambda d: _edit_config(d, d_model=48), "has shape"),
     ],
