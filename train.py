@@ -16,6 +16,7 @@ Several hosts: start the same command on each with --coordinator_address=HOST:PO
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -38,7 +39,7 @@ import data
 from data.tokenizer import workdir_tokenizer, workdir_tokenizer_files
 from model import Transformer, make_mesh, use_mesh
 from model.compilation import enable_compilation_cache
-from training import checkpoints, evaluation, resume
+from training import budget, checkpoints, evaluation, hardware, resume
 from training.loop_tools import StopSignal, Window
 from training.metrics import MetricsWriter, Stopwatch
 from training.state import make_optimizer, model_config, state_shardings
@@ -74,12 +75,18 @@ class _Run:
     flops: float  # model FLOPs of one step
     best_bleu: float
     batch: dict  # the batch layout, saved with each checkpoint
+    plan: budget.Plan  # the last step and the schedule numbers that depend on it
+    measure: bool  # True: plan is provisional until the first steps are timed (train_minutes)
+    started: float = dataclasses.field(default_factory=time.monotonic)  # train_minutes counts
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Runs (or resumes) training; returns the last metrics row written."""
     wall = time.monotonic()
+    budget.check_config(config)  # before minutes of data and tokenizer set-up
+    config = hardware.resolve_config(config, workdir)  # dtype=auto -> this machine's choice
     run = _setup(config, Path(workdir))
+    run.started = wall
     stop = StopSignal()
     try:
         with use_mesh(run.mesh):
@@ -91,6 +98,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         stop.restore()
     step = int(run.state.step)
     log.info("done: %d steps in %.1f min (wall %.1f min)", step, run.clock() / 60, _minutes(wall))
+    if run.plan.train_minutes:
+        log.info("train_minutes=%g: this session took %.1f min", run.plan.train_minutes,
+                 _minutes(wall))  # fmt: skip
     return last_row
 
 
@@ -148,6 +158,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
     )  # fmt: skip
     if data_state is not None:
         iterator.set_state(data_state)
+    plan, measure = budget.start_plan(config, meta)
     log.info("model: %s parameters", f"{_count(state.params):,}")
     resume.write_configs(workdir, config, model_cfg)
     # A run stopped right after a new best checkpoint has not yet recorded its BLEU elsewhere.
@@ -172,11 +183,13 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
         evaluator=evaluator,
         mngr=mngr,
         best_mngr=best_mngr,
-        writer=MetricsWriter(workdir, config.num_train_steps, int(state.step)),
+        writer=MetricsWriter(workdir, plan.num_train_steps, int(state.step)),
         clock=Stopwatch(meta.get("elapsed_s", 0.0)),
         flops=train_flops_per_step(model_cfg, rows * config.grad_accum_steps, config.max_len),
         best_bleu=best_bleu,
         batch=batch,
+        plan=plan,
+        measure=measure,
     )
 
 
@@ -216,7 +229,7 @@ def _batch_layout(config, train_pairs, tokenizer, mesh) -> tuple[int, dict]:
 
 
 def _loop(run: _Run, stop: StopSignal) -> dict:
-    """Trains from ``run.state.step`` to ``num_train_steps``; returns the last metrics row."""
+    """Trains from ``run.state.step`` to ``run.plan``'s last step; returns the last metrics row."""
     config = run.config
     rng = jax.random.key(config.seed)
     step = int(run.state.step)
@@ -225,27 +238,36 @@ def _loop(run: _Run, stop: StopSignal) -> dict:
     last_save = time.monotonic()
     pending = None  # (step, metrics) of the previous step, checked after the next dispatch
     compile_s = None
-    while step < config.num_train_steps:
+    horizon = run.plan.horizon()  # the schedule's numbers, an input of the compiled step
+    probe = None  # times the first steps when train_minutes chooses the number of steps
+    while step < run.plan.num_train_steps:
         local = _next_batch(run.iterator, config.grad_accum_steps)
         tokens = int((local["inputs"] > 0).sum() + (local["targets"] > 0).sum())
         batch = jax.make_array_from_process_local_data(train_batch_sharding(run.mesh), local)
-        run.state, metrics = run.train_step(run.state, batch, rng)
+        run.state, metrics = run.train_step(run.state, batch, rng, horizon)
         if compile_s is None:  # the first step compiles; keep it out of throughput figures
             jax.block_until_ready(metrics)
             compile_s = window.reset()
             log.info("first step (with compilation) took %.1f s", compile_s)
+            probe = budget.SpeedProbe() if run.measure else None
         else:
             window.add(tokens)
+            if probe is not None:
+                probe.add(tokens)
         _check_finite(pending)
         step += 1
         pending = (step, metrics)
+        if probe is not None and probe.due():
+            _choose_steps(run, step, probe, metrics)
+            horizon, probe = run.plan.horizon(), None
 
-        is_last = step == config.num_train_steps
+        is_last = step == run.plan.num_train_steps
         if step % config.log_every_steps == 0 or is_last:
             _check_finite(pending)
             last_row = _log_step(run, step, metrics, window, compile_s)
             compile_s = 0.0
-        with window.paused():  # evaluation and checkpoints are not training time
+        # Evaluation and checkpoints are not training time (nor part of the speed measured).
+        with window.paused(), probe.paused() if probe else contextlib.nullcontext():
             at_end = is_last and config.eval_at_end
             if _evaluation_due(config, step, at_end):
                 _check_finite(pending)
@@ -270,6 +292,8 @@ def _loop(run: _Run, stop: StopSignal) -> dict:
                         "seed": config.seed,
                         "batch": run.batch,
                         "config": resume.config_dict(config),
+                        # The steps train_minutes chose: a resumed run keeps them.
+                        **({"plan": run.plan.to_dict()} if run.plan.train_minutes else {}),
                     },
                 )
                 log.info("checkpoint saved at step %d", step)
@@ -277,6 +301,18 @@ def _loop(run: _Run, stop: StopSignal) -> dict:
         if stopping:
             sys.exit(128 + stop.signum if stop.signum else 128 + signal.SIGTERM)
     return last_row
+
+
+def _choose_steps(run: _Run, step: int, probe: budget.SpeedProbe, metrics) -> None:
+    """Replaces the provisional plan by the one that fits ``train_minutes`` (training.budget)."""
+    jax.block_until_ready(metrics)  # the steps dispatched so far have run
+    elapsed_s = time.monotonic() - run.started
+    plan = budget.plan_from_speed(
+        run.config, step=step, seconds_per_step=probe.seconds() / probe.steps, elapsed_s=elapsed_s
+    )
+    run.plan, run.measure = budget.share(plan), False
+    log.info("%s", budget.describe(run.plan, run.config, step=step, elapsed_s=elapsed_s))
+    run.writer.set_total(run.plan.num_train_steps)
 
 
 def _log_step(run: _Run, step: int, metrics, window: Window, compile_s: float) -> dict:

@@ -11,7 +11,9 @@ def _model_overrides() -> ml_collections.ConfigDict:
     """One placeholder per TransformerConfig field (None: keep the preset's value).
 
     Declaring them all lets any model field be set from the command line, e.g.
-    ``--config.model.overrides.dropout_rate=0.0``.
+    ``--config.model.overrides.dropout_rate=0.0``. ``dtype`` also takes ``"auto"``: bf16 compute
+    where the hardware has bf16 matmul units (GPU, TPU, CPU with AMX or AVX512-BF16), float32
+    elsewhere, decided when the workdir starts (``training.hardware``).
     """
     # model/config.py postpones annotations, so f.type is a string ("Norm" etc. are str values).
     types = {"int": int, "float": float, "bool": bool}
@@ -63,7 +65,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.adam_eps = 1e-9
     c.grad_clip_norm = 0.0  # 0 disables clipping
     c.label_smoothing = 0.1
-    c.num_train_steps = 100_000
+    c.num_train_steps = 100_000  # the last step; with train_minutes > 0, a cap
+    # A wall-clock budget (0: off): train as many steps as fit M minutes on this machine, counted
+    # from the start (set-up and compilation included), chosen from the speed of the first steps
+    # (training/budget.py); warmup and cooldown shrink to fit if needed. A resumed run keeps
+    # the number chosen (saved with the checkpoints).
+    c.train_minutes = 0.0
     # Fine-tuning: start a new workdir from the parameters of WORKDIR (its newest checkpoint),
     # WORKDIR/best, WORKDIR/averaged or WORKDIR/checkpoints/STEP, with a fresh optimizer and
     # step 0. Same model and tokenizer (copied); used only while the workdir has no checkpoint.

@@ -148,8 +148,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(
     def poisoned(*args, **kwargs):
         step = real(*args, **kwargs)
 
-        def wrapped(state, batch, rng):
-            new_state, metrics = step(state, batch, rng)
+        def wrapped(state, batch, rng, horizon=None):
+            new_state, metrics = step(state, batch, rng, horizon)
             bad = jnp.where(state.step >= 4, jnp.nan, metrics["loss"])
             return new_state, {**metrics, "loss": bad}
 

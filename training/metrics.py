@@ -67,6 +67,13 @@ class MetricsWriter:
         else:
             log.info("step %d/%d  %s", step, self.total_steps, text)
 
+    def set_total(self, total_steps: int) -> None:
+        """Changes the run's last step (``train_minutes`` chooses it after the first steps)."""
+        self.total_steps = total_steps
+        if self._bar is not None:
+            self._bar.total = total_steps
+            self._bar.refresh()
+
     def close(self) -> None:
         if not self.active:
             return

@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 
 from model import Transformer, TransformerConfig
 from model.sharding import LOGICAL_RULES
+from training.hardware import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,32 @@ class TrainState:
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> TransformerConfig:
-    """The TransformerConfig named by ``config.model`` (a preset plus overrides)."""
+    """The TransformerConfig named by ``config.model`` (a preset plus overrides).
+
+    ``dtype="auto"`` becomes this machine's choice (``training.hardware.resolve_dtype``);
+    TransformerConfig itself only takes concrete dtypes.
+    """
     preset = config.model.preset
     if preset not in ("base", "big", "tiny"):
         raise ValueError(
             f"config.model.preset must be 'base', 'big', 'tiny' or 'init_from', got {preset!r}"
         )
     overrides = {k: v for k, v in config.model.overrides.items() if v is not None}
+    if overrides.get("dtype") == "auto":  # train.py resolves it first (and logs why); others here
+        overrides["dtype"], _ = resolve_dtype("auto")
     return getattr(TransformerConfig, preset)(vocab_size, **overrides)
+
+
+def schedule_horizon(
+    warmup_steps: float, cooldown_steps: float = 0, total_steps: float = 0, rate_factor: float = 1.0
+) -> jax.Array:
+    """The schedule's run-dependent numbers as one float32 ``[4]`` array (a train step input).
+
+    ``config.train_minutes`` picks the number of steps (and may shrink warmup and cooldown) only
+    after the first steps have run, so these numbers reach the compiled step as an argument,
+    not as constants: changing them needs no recompilation.
+    """
+    return jnp.asarray([warmup_steps, cooldown_steps, total_steps, rate_factor], jnp.float32)
 
 
 def learning_rate_schedule(
@@ -60,6 +79,11 @@ def learning_rate_schedule(
     down to 0 over the last ``cooldown_steps`` of ``total_steps``: a run with a fixed budget
     then ends at a low rate instead of stopping midway down the inverse square root.
 
+    Returns:
+      ``schedule(count, horizon=None)``: the rate of update ``count``. ``horizon`` (from
+      ``schedule_horizon``) replaces warmup, cooldown and total steps given here, and multiplies
+      the rate by its ``rate_factor``; it may be a traced value.
+
     Raises:
       ValueError: if the cooldown is negative or longer than the run.
     """
@@ -67,20 +91,44 @@ def learning_rate_schedule(
         raise ValueError(
             f"cooldown_steps={cooldown_steps} must be in [0, num_train_steps={total_steps}]"
         )
+    default = (warmup_steps, cooldown_steps, total_steps, 1.0)
 
-    def schedule(count):
-        step = jnp.asarray(count, jnp.float32) + 1.0
-        rate = scale * d_model**-0.5 * jnp.minimum(step**-0.5, step * warmup_steps**-1.5)
-        if cooldown_steps:
-            remaining = total_steps - jnp.asarray(count, jnp.float32)
-            rate = rate * jnp.clip(remaining / cooldown_steps, 0.0, 1.0)
-        return rate
+    def schedule(count, horizon=None):
+        warmup, cooldown, total, factor = default if horizon is None else list(horizon)
+        count = jnp.asarray(count, jnp.float32)
+        step = count + 1.0
+        rate = scale * d_model**-0.5 * jnp.minimum(step**-0.5, step * warmup**-1.5) * factor
+        ramp = jnp.clip((total - count) / jnp.maximum(cooldown, 1), 0.0, 1.0)
+        return jnp.where(cooldown > 0, rate * ramp, rate)
 
     return schedule
 
 
+def _scale_by_schedule(schedule) -> optax.GradientTransformationExtraArgs:
+    """``optax.scale_by_learning_rate(schedule)`` that also passes ``horizon=`` to the schedule.
+
+    Same state (``ScaleByScheduleState``) as optax's, so checkpoints keep their layout; the
+    train step gives ``tx.update(..., horizon=h)`` (see ``schedule_horizon``).
+    """
+
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None, *, horizon=None, **extra):
+        del params, extra
+        rate = schedule(state.count, horizon)
+        updates = jax.tree.map(lambda g: jnp.asarray(-rate, g.dtype) * g, updates)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
 def make_optimizer(config: ml_collections.ConfigDict, d_model: int):
     """Adam(beta1 0.9, beta2 0.98, eps 1e-9) on the paper's schedule, optional clipping.
+
+    ``tx.update`` takes an optional ``horizon=`` (``schedule_horizon``) that overrides the
+    config's warmup, cooldown and total steps; without it they are the config's.
 
     Returns:
       ``(optax.GradientTransformation, schedule)``.
@@ -96,7 +144,11 @@ def make_optimizer(config: ml_collections.ConfigDict, d_model: int):
     schedule = learning_rate_schedule(
         d_model, config.warmup_steps, config.lr_scale, cooldown_steps=cooldown, total_steps=total
     )
-    adam = optax.adam(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
+    # optax.adam(schedule) is this chain; spelled out so the schedule can take the horizon.
+    adam = optax.chain(
+        optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps),
+        _scale_by_schedule(schedule),
+    )
     if config.grad_clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adam), schedule
     return adam, schedule

@@ -72,16 +72,18 @@ def make_train_step(
     bos_id: int,
     label_smoothing: float,
 ) -> Callable:
-    """Returns ``train_step(state, batch, rng) -> (state, metrics)`` (not yet jitted).
+    """Returns ``train_step(state, batch, rng, horizon=None) -> (state, metrics)`` (not jitted).
 
     The dropout key of step s is ``fold_in(rng, s)``: a resumed run draws the same masks as an
-    uninterrupted one without saving any RNG state beyond the seed.
+    uninterrupted one without saving any RNG state beyond the seed. ``horizon``
+    (``training.state.schedule_horizon``), when given, sets the schedule's warmup, cooldown and
+    total steps in place of the config's (``tx`` and ``schedule`` from ``make_optimizer``).
     """
     grad_fn = jax.value_and_grad(
         lambda p, b, r: _sums(model, p, b, bos_id, label_smoothing, r), has_aux=True
     )
 
-    def train_step(state: TrainState, batch: dict, rng: jax.Array):
+    def train_step(state: TrainState, batch: dict, rng: jax.Array, horizon=None):
         rng = jax.random.fold_in(rng, state.step)
         micro_batches = batch["inputs"].shape[0]
 
@@ -101,7 +103,8 @@ def make_train_step(
             (grads, loss, nll, n), _ = jax.lax.scan(micro, zeros, xs)
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        extra = {} if horizon is None else {"horizon": horizon}
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
         new_state = TrainState(
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),
@@ -111,7 +114,7 @@ def make_train_step(
             "loss": loss / denom,
             "nll": nll / denom,
             "grad_norm": optax.tree.norm(grads),
-            "learning_rate": schedule(state.step),
+            "learning_rate": schedule(state.step, **extra),
             "target_tokens": n,
         }
         return new_state, metrics
@@ -136,15 +139,22 @@ def jit_train_step(
 ) -> Callable:
     """``make_train_step`` compiled for ``mesh``: state kept in place (donated), batch split.
 
-    Call it inside ``model.use_mesh(mesh)`` so the model's activation constraints apply.
+    Call it inside ``model.use_mesh(mesh)`` so the model's activation constraints apply. The
+    result is called as ``train_step(state, batch, rng, horizon=None)``.
     """
     step = make_train_step(model, tx, schedule, bos_id=bos_id, label_smoothing=label_smoothing)
-    return jax.jit(
+    compiled = jax.jit(
         step,
-        in_shardings=(state_shardings, train_batch_sharding(mesh), None),
+        in_shardings=(state_shardings, train_batch_sharding(mesh), None, None),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
     )
+
+    def train_step(state, batch, rng, horizon=None):
+        # jit with in_shardings takes positional arguments only; horizon stays optional here.
+        return compiled(state, batch, rng, horizon)
+
+    return train_step
 
 
 def make_eval_step(model: Transformer, *, bos_id: int, label_smoothing: float) -> Callable:

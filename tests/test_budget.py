@@ -1,0 +1,125 @@
+"""--config.train_minutes: the number of steps chosen from the first steps' speed, and kept."""
+
+import json
+import logging
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+import train
+from tests.test_train import QUIET, tiny_config
+from training import budget
+from training.state import learning_rate_schedule, make_optimizer, schedule_horizon
+
+
+def test_steps_fill_the_minutes_left_after_the_overhead_share():
+    cfg = tiny_config(train_minutes=10.0, num_train_steps=100_000, warmup_steps=10)
+    plan = budget.plan_from_speed(cfg, step=21, seconds_per_step=0.5, elapsed_s=60.0)
+    expected = 21 + math.floor(540 / (0.5 * (1 + budget.OVERHEAD_SHARE)))
+    assert plan.num_train_steps == expected
+    assert (plan.warmup_steps, plan.cooldown_steps, plan.rate_factor) == (10, 0, 1.0)
+    assert (plan.train_minutes, plan.seconds_per_step) == (10.0, 0.5)
+
+
+def test_warmup_and_cooldown_shrink_in_proportion_keeping_the_peak_rate():
+    # The default config's warmup 400 + cooldown 500 on a machine that fits 450 steps.
+    assert budget.fit_schedule(450, 400, 500) == (200, 250, pytest.approx(math.sqrt(0.5)))
+    assert budget.fit_schedule(900, 400, 500) == (400, 500, 1.0)  # they fit: unchanged
+    assert budget.fit_schedule(3, 400, 0) == (3, 0, pytest.approx(math.sqrt(3 / 400)))
+    warmup, cooldown, factor = budget.fit_schedule(450, 400, 500)
+    paper = learning_rate_schedule(256, 400, 0.5)
+    peak = float(paper(warmup - 1, schedule_horizon(warmup, cooldown, 450, factor)))
+    assert peak == pytest.approx(float(paper(399)), rel=1e-5)  # the configured peak
+
+
+def test_the_cap_and_a_spent_budget():
+    cfg = tiny_config(train_minutes=60.0, num_train_steps=500, warmup_steps=10, cooldown_steps=900)
+    capped = budget.plan_from_speed(cfg, step=21, seconds_per_step=0.1, elapsed_s=0.0)
+    # The run the config describes: its last step, its cooldown over the whole run.
+    assert (capped.num_train_steps, capped.warmup_steps, capped.cooldown_steps) == (500, 10, 500)
+    assert capped.train_minutes == 60.0  # still a budget plan: saved and kept on resume
+    spent = budget.plan_from_speed(cfg, step=21, seconds_per_step=0.1, elapsed_s=3600.0)
+    assert spent.num_train_steps == 21  # the budget is gone: stop at once
+    assert "the budget is spent already" in budget.describe(spent, cfg, step=21, elapsed_s=3600)
+
+
+@pytest.mark.parametrize("minutes", [-1.0, -0.01, float("nan")])
+def test_a_negative_budget_is_refused_naming_the_field(minutes, tmp_path):
+    cfg = tiny_config(train_minutes=minutes)
+    with pytest.raises(ValueError, match=r"config.train_minutes=-?(nan|[0-9.]+) must be >= 0"):
+        train.train_and_evaluate(cfg, tmp_path / "workdir")
+    assert not (tmp_path / "workdir").exists()  # refused before any set-up
+
+
+def metric_rows(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def checkpoint_meta(workdir, step):
+    return json.loads((workdir / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+
+
+def test_train_minutes_chooses_saves_and_keeps_the_number_of_steps(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="train")
+    chosen = []
+    real = budget.plan_from_speed
+
+    def spy(config, *, step, seconds_per_step, elapsed_s):
+        # The real choice from the measured speed, with the set-up and compilation time (which
+        # a loaded test machine stretches) not counted, so the run is short but never empty.
+        plan = real(config, step=step, seconds_per_step=seconds_per_step, elapsed_s=0.0)
+        chosen.append((step, plan))
+        return plan
+
+    monkeypatch.setattr(budget, "plan_from_speed", spy)
+    # A cooldown far longer than the budget: warmup and cooldown must shrink to fit.
+    changes = dict(train_minutes=0.04, num_train_steps=100_000, cooldown_steps=1000,
+                   checkpoint_every_steps=22, keep_checkpoints=10, **QUIET)  # fmt: skip
+    train.train_and_evaluate(tiny_config(**changes), tmp_path)
+    [(decided_at, plan)] = chosen
+    assert decided_at == budget.MEASURE_STEPS + 1  # steps 2..21 timed, the compiling one not
+    total = plan.num_train_steps
+    assert total > 22, "the budget should fit steps beyond the measured ones"
+    assert plan.seconds_per_step > 0 and plan.train_minutes == 0.04
+    assert plan.warmup_steps + plan.cooldown_steps == total and plan.rate_factor < 1
+    assert f"train_minutes=0.04: {plan.seconds_per_step:.3f} s/step measured" in caplog.text
+    assert f"training to step {total}" in caplog.text
+    rows = metric_rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, total + 1))
+    # The compiled step used the chosen schedule from the step after the choice on.
+    config = tiny_config(**changes)
+    _, schedule = make_optimizer(config, 32)
+    for row in rows:
+        horizon = plan.horizon() if row["step"] > decided_at else None  # None: provisional
+        expected = float(schedule(row["step"] - 1, horizon))
+        assert row["learning_rate"] == pytest.approx(expected, rel=1e-5), row["step"]
+    # Past any warmup the paper's rate is d^-0.5 * step^-0.5 whatever the warmup, so the last
+    # update's rate is the configured schedule's, times the factor, times the cooldown's 1/c.
+    assert rows[-1]["learning_rate"] == pytest.approx(
+        float(learning_rate_schedule(32, config.warmup_steps, config.lr_scale)(total - 1))
+        * plan.rate_factor
+        / plan.cooldown_steps,
+        rel=1e-5,
+    )
+    # Saved with every checkpoint after the choice; not with earlier ones.
+    assert budget.Plan.from_dict(checkpoint_meta(tmp_path, 22)["plan"]) == plan
+    assert budget.Plan.from_dict(checkpoint_meta(tmp_path, total)["plan"]) == plan
+
+    # Resume from step 22 (as after a crash): the saved number is kept, nothing is re-measured,
+    # even with another budget on the command line.
+    for path in (tmp_path / "checkpoints").iterdir():
+        if path.name.isdigit() and int(path.name) > 22:
+            shutil.rmtree(path)
+    caplog.clear()
+    train.train_and_evaluate(tiny_config(**{**changes, "train_minutes": 5.0}), tmp_path)
+    assert len(chosen) == 1, "a resumed run measured again"
+    assert f"keeping the saved plan of {total} steps" in caplog.text
+    assert "keeping them (a new --workdir measures again)" in caplog.text
+    resumed = metric_rows(tmp_path)[len(rows) :]
+    assert [r["step"] for r in resumed] == list(range(23, total + 1))
+    np.testing.assert_allclose(
+        [r["learning_rate"] for r in resumed], [r["learning_rate"] for r in rows[22:]], rtol=1e-6
+    )

@@ -1,0 +1,127 @@
+"""The compute dtype ``"auto"`` stands for on this machine, and the CPU's name and flags.
+
+``dtype="auto"`` (``--config.model.overrides.dtype=auto``, the default config's setting) means
+bf16 compute with float32 parameters, optimizer state and accumulation where the hardware has
+fast bf16 matmuls (GPUs, TPUs, CPUs with AMX or AVX512-BF16) and float32 elsewhere: on a CPU
+without those units XLA emulates bf16 matmuls, slower than float32 ones. The choice is made once,
+when a workdir starts; a workdir that already has a ``model_config.json`` keeps the dtype written
+there, so a run resumed on another machine computes as it started.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+
+log = logging.getLogger("train")
+
+# CPU flags (as /proc/cpuinfo spells them) with native bf16 matmul instructions.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# The flags bench/train_speed.py reports: what decides the speed of CPU matmuls.
+REPORTED_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def cpu_info(path: str | Path = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
+    """The CPU's model name and flags, read from ``path`` (Linux).
+
+    Returns:
+      ``(model name, flags)``; ``("unknown", frozenset())`` where the file is missing or
+      unreadable (macOS, Windows), so callers treat the CPU as one without bf16 units.
+    """
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return "unknown", frozenset()
+    name, flags = "unknown", frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and name == "unknown":
+            name = value.strip()
+        elif key == "flags" and not flags:
+            flags = frozenset(value.split())
+    return name, flags
+
+
+def resolve_dtype(
+    requested: str, *, backend: str | None = None, cpu_flags: frozenset[str] | None = None
+) -> tuple[str, str]:
+    """The compute dtype that ``requested`` stands for on this hardware.
+
+    Args:
+      requested: a dtype name, or ``"auto"``; anything but ``"auto"`` is returned as it is
+        (``TransformerConfig`` validates it).
+      backend: JAX's platform (``"cpu"``, ``"gpu"``, ``"tpu"``); default ``jax.default_backend()``.
+      cpu_flags: the CPU's flags; default read from ``/proc/cpuinfo``. Used on CPUs only.
+
+    Returns:
+      ``(dtype, reason)``: the dtype name and why it was chosen, for the log.
+    """
+    if requested != "auto":
+        return requested, "set in the config"
+    backend = (backend or jax.default_backend()).lower()
+    if backend in ACCELERATORS:
+        return "bfloat16", f"dtype=auto on {backend}: bf16 matmul units"
+    if backend != "cpu":
+        return "float32", f"dtype=auto on an unknown backend {backend!r}: float32 to be safe"
+    if cpu_flags is None:
+        cpu_flags = cpu_info()[1]
+    found = [f for f in BF16_CPU_FLAGS if f in cpu_flags]
+    if found:
+        return "bfloat16", f"dtype=auto on a CPU with {' and '.join(found)}: bf16 matmul units"
+    return "float32", (
+        f"dtype=auto on a CPU without {' or '.join(BF16_CPU_FLAGS)}: bf16 matmuls would be "
+        "emulated, slower than float32"
+    )
+
+
+def resolve_workdir_dtype(requested: str, workdir: str | Path | None = None) -> tuple[str, str]:
+    """``resolve_dtype``, except that ``"auto"`` keeps the dtype of an existing workdir.
+
+    A resumed run must compute as it started even on another machine, so the dtype written in
+    ``WORKDIR/model_config.json`` wins over the hardware. Several processes agree on process 0's
+    choice (a cluster of unlike CPUs would otherwise compile different programs).
+
+    Returns:
+      ``(dtype, reason)``.
+    """
+    if requested == "auto" and workdir is not None:
+        path = Path(workdir) / "model_config.json"
+        if path.exists():
+            saved = json.loads(path.read_text()).get("dtype")
+            if saved:
+                return saved, f"dtype=auto resuming {path}: keeping its dtype {saved}"
+    dtype, reason = resolve_dtype(requested)
+    if requested == "auto" and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        bf16 = multihost_utils.broadcast_one_to_all(np.int32(dtype == "bfloat16"))
+        if bool(bf16) != (dtype == "bfloat16"):
+            dtype = "bfloat16" if bf16 else "float32"
+            reason = f"dtype=auto: process 0 chose {dtype} (all processes compute alike)"
+    return dtype, reason
+
+
+def resolve_config(config, workdir: str | Path | None = None):
+    """A copy of ``config`` with ``model.overrides.dtype`` resolved (``"auto"`` replaced), logged.
+
+    The copy is what the run uses and writes (``config.json``, checkpoint metadata), so a resumed
+    run compares like with like; the caller's config is left as it was.
+    """
+    import copy
+
+    requested = config.model.overrides.get("dtype")
+    if requested is None:  # the preset's dtype
+        return config
+    dtype, reason = resolve_workdir_dtype(requested, workdir)
+    log.info("compute dtype %s (%s)", dtype, reason)
+    if dtype == requested:
+        return config
+    resolved = copy.deepcopy(config)
+    resolved.model.overrides.dtype = dtype
+    return resolved
