@@ -1,8 +1,10 @@
 """Training throughput of the probe model, against torch.nn.Transformer in the same run.
 
 Probe: d_model 256, 4 heads, d_ff 1024, 3 + 3 layers, vocab 8,000, batches of 32 x 64 source
-and 32 x 64 target tokens. Prints tokens/s (source + target), the median of several timed
-windows, achieved model GFLOP/s and their share of the measured bf16 matmul peak.
+and 32 x 64 target tokens. Prints the machine (CPU model, the flags that decide matmul speed,
+JAX's backend and devices, what dtype="auto" picks here), then tokens/s (source + target), the
+median of several timed windows, achieved model GFLOP/s and their share of the measured bf16
+matmul peak.
 
     python -m bench.train_speed [--steps 20] [--repeats 5] [--no-torch] [--dtypes float32,bfloat16]
 
@@ -12,6 +14,7 @@ torch is a benchmark-only dependency: ``pip install torch==2.13.0``.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -21,10 +24,23 @@ import ml_collections
 import numpy as np
 
 from model import Transformer, TransformerConfig, make_mesh
+from training.hardware import REPORTED_CPU_FLAGS, cpu_info, resolve_dtype
 from training.state import init_state, make_optimizer, state_shardings
 from training.step import make_train_step, train_flops_per_step
 
 D, H, F, LAYERS, V, B, L = 256, 4, 1024, 3, 8000, 32, 64
+
+
+def machine_line() -> str:
+    """One line naming the machine: CPU model and flags, cores, JAX backend, dtype=auto's choice."""
+    name, flags = cpu_info()
+    present = " ".join(f"{f}:{'yes' if f in flags else 'no'}" for f in REPORTED_CPU_FLAGS)
+    devices = jax.devices()
+    auto, _ = resolve_dtype("auto", cpu_flags=flags)
+    return (
+        f"machine: {name}, {os.cpu_count()} cores, flags {present}; jax {jax.__version__} "
+        f"{jax.default_backend()} x{len(devices)} ({devices[0].device_kind}); dtype=auto -> {auto}"
+    )
 
 
 def matmul_peak(dtype, n=2048, repeats=5) -> float:
@@ -127,6 +143,7 @@ def main():
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args()
 
+    print(machine_line())
     peak = matmul_peak(jnp.bfloat16)
     peak32 = matmul_peak(jnp.float32)
     print(f"matmul peak (2048^3, f32 accumulation): bf16 {peak:.0f} GFLOP/s, f32 {peak32:.0f}")

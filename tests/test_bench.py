@@ -26,3 +26,14 @@ def test_datasheet_peaks():
     assert mfu.datasheet_peak(device("NVIDIA H200")) == 989.0
     assert mfu.datasheet_peak(device("TPU v5 lite")) == 197.0
     assert mfu.datasheet_peak(device("cpu")) is None
+
+
+def test_train_speed_names_the_machine_cpu_and_flags(monkeypatch):
+    from bench import train_speed
+
+    xeon = ("Intel(R) Xeon(R) Platinum 8480+", frozenset({"avx2", "avx512f", "amx_bf16"}))
+    monkeypatch.setattr(train_speed, "cpu_info", lambda: xeon)
+    line = train_speed.machine_line()
+    assert line.startswith("machine: Intel(R) Xeon(R) Platinum 8480+, ")
+    assert "flags avx2:yes avx512f:yes avx512_bf16:no amx_bf16:yes amx_tile:no;" in line
+    assert "cpu x8" in line and line.endswith("dtype=auto -> bfloat16")  # the tests run on CPU

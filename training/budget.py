@@ -19,7 +19,8 @@ The measured steps train with the configured warmup and cooldown; the chosen num
 the next step on (they reach the compiled step as an input, ``training.state.schedule_horizon``,
 so nothing recompiles). The plan is saved in every later checkpoint's metadata (``meta['plan']``)
 and a resumed run keeps it instead of measuring again, so its schedule and its last step are
-those of the run it continues. A run stopped before the plan was made measures again.
+those of the run it continues. A run stopped before the plan was made measures again (its
+budget counted from its own start).
 """
 
 from __future__ import annotations
