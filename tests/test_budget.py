@@ -28,6 +28,7 @@ def test_warmup_and_cooldown_shrink_in_proportion_keeping_the_peak_rate():
     assert budget.fit_schedule(450, 400, 500) == (200, 250, pytest.approx(math.sqrt(0.5)))
     assert budget.fit_schedule(900, 400, 500) == (400, 500, 1.0)  # they fit: unchanged
     assert budget.fit_schedule(3, 400, 0) == (3, 0, pytest.approx(math.sqrt(3 / 400)))
+    assert budget.fit_schedule(100, 0, 500) == (0, 100, 1.0)  # no warmup stays none
     warmup, cooldown, factor = budget.fit_schedule(450, 400, 500)
     paper = learning_rate_schedule(256, 400, 0.5)
     peak = float(paper(warmup - 1, schedule_horizon(warmup, cooldown, 450, factor)))

@@ -148,10 +148,10 @@ def fit_schedule(total: int, warmup: int, cooldown: int) -> tuple[int, int, floa
     if warmup + cooldown <= total:
         return warmup, cooldown, 1.0
     both = warmup + cooldown  # integer arithmetic: no 2.9999... rounding down to 2
-    new_warmup = max(1, warmup * total // both)
+    new_warmup = max(1, warmup * total // both) if warmup else 0  # 0: no warmup, kept
     new_cooldown = min(max(0, total - new_warmup), -(-cooldown * total // both))
     # The paper's schedule peaks at d_model^-0.5 * warmup^-0.5: keep that peak.
-    return new_warmup, new_cooldown, math.sqrt(new_warmup / warmup)
+    return new_warmup, new_cooldown, math.sqrt(new_warmup / warmup) if warmup else 1.0
 
 
 def plan_from_speed(
