@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 Norm = Literal["post", "pre"]
 Activation = Literal["relu", "swish", "gelu"]
+Remat = Literal["none", "dots", "full"]
 PositionalLayout = Literal["interleaved", "concat"]
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -52,6 +53,10 @@ class TransformerConfig:
       attention_bias: biases on the attention projections W^Q, W^K, W^V, W^O (Marian has them;
         the paper's equations do not).
       logits_bias: a bias added to the output logits (Marian's ``final_logits_bias``).
+      scan_layers: run each stack as one ``nn.scan`` over stacked parameters (compiles one
+        layer, not N; another parameter layout). See ``model/stacks.py``.
+      remat: recompute activations in the backward pass: "none", "dots" (keep the projection
+        matmuls' outputs) or "full" (keep each layer's input only).
     """
 
     vocab_size: int
@@ -71,6 +76,8 @@ class TransformerConfig:
     activation: Activation = "relu"
     attention_bias: bool = False
     logits_bias: bool = False
+    scan_layers: bool = False
+    remat: Remat = "none"
 
     def __post_init__(self):
         for name in (
@@ -117,7 +124,11 @@ class TransformerConfig:
                 "TransformerConfig.activation must be 'relu', 'swish' or 'gelu', "
                 f"got {self.activation!r}"
             )
-        for name in ("attention_bias", "logits_bias"):
+        if self.remat not in ("none", "dots", "full"):
+            raise ValueError(
+                f"TransformerConfig.remat must be 'none', 'dots' or 'full', got {self.remat!r}"
+            )
+        for name in ("attention_bias", "logits_bias", "scan_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(
                     f"TransformerConfig.{name} must be True or False, got {getattr(self, name)!r}"

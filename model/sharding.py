@@ -32,6 +32,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),  # parameters' model dimension: fully sharded data parallel
     ("length", None),
     ("kv", None),
+    ("layers", None),  # the stacked-layer axis of scan_layers parameters
 )
 
 

@@ -23,6 +23,7 @@ from flax import linen as nn
 from model.attention import MultiHeadAttention, attention_mask
 from model.config import TransformerConfig
 from model.layers import Embed, FeedForward, layer_norm, sinusoidal_positions
+from model.stacks import layer_stack, run_stack, unstacked
 
 # The decoding cache; its layout is documented in Transformer.init_cache.
 Cache = dict
@@ -90,18 +91,17 @@ class DecoderLayer(_Sublayers):
     def __call__(
         self,
         y: jax.Array,
+        memory: jax.Array,
         self_mask: jax.Array,
-        cross_kv: tuple[jax.Array, jax.Array],
         cross_mask: jax.Array,
-        *,
         deterministic: bool = True,
     ) -> jax.Array:
         """One decoder layer over a whole target (teacher forcing).
 
         Args:
           y: ``[B, T, D]`` decoder stream.
+          memory: ``[B, S, D]``, the encoder's output.
           self_mask: ``[B, 1, T, T]``.
-          cross_kv: the encoder memory's keys and values, each ``[B, S, H, K]``.
           cross_mask: ``[B, 1, T, S]``.
           deterministic: disables dropout.
 
@@ -112,6 +112,7 @@ class DecoderLayer(_Sublayers):
         a = self.self_attention(h, self_mask, deterministic=deterministic)
         y = self.residual(y, a, self.norm_self, deterministic)
         h = self.pre(y, self.norm_cross)
+        cross_kv = self.cross_attention.project_kv(memory)
         a = self.cross_attention(h, cross_mask, kv=cross_kv, deterministic=deterministic)
         y = self.residual(y, a, self.norm_cross, deterministic)
         h = self.pre(y, self.norm_ff)
@@ -157,8 +158,14 @@ class Transformer(nn.Module):
     def setup(self):
         cfg = self.config
         self.embed = Embed(cfg)
-        self.encoder_layers = [EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers)]
-        self.decoder_layers = [DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers)]
+        # Lists of layers (params encoder_layers_0, ...) or, with scan_layers, one scanned
+        # module each (params encoder_layers/... stacked [N, ...]); see model/stacks.py.
+        self.encoder_layers = layer_stack(
+            EncoderLayer, cfg, cfg.num_encoder_layers, static_argnums=(3,)
+        )
+        self.decoder_layers = layer_stack(
+            DecoderLayer, cfg, cfg.num_decoder_layers, static_argnums=(5,)
+        )
         if cfg.norm == "pre":
             self.encoder_norm = layer_norm(cfg)
             self.decoder_norm = layer_norm(cfg)
@@ -199,8 +206,7 @@ class Transformer(nn.Module):
         valid = src != 0
         mask = attention_mask(valid, valid, q_segments=src_segments, k_segments=src_segments)
         x = self._embed(src, src_positions, deterministic)
-        for layer in self.encoder_layers:
-            x = layer(x, mask, deterministic)
+        x = run_stack(self.encoder_layers, x, mask, deterministic)
         return self.encoder_norm(x) if self.config.norm == "pre" else x
 
     def decode(
@@ -237,10 +243,13 @@ class Transformer(nn.Module):
             tgt_valid, src_valid, q_segments=tgt_segments, k_segments=src_segments
         )
         y = self._embed(tgt, tgt_positions, deterministic)
-        for layer in self.decoder_layers:
-            cross_kv = layer.cross_attention.project_kv(memory)
-            y = layer(y, self_mask, cross_kv, cross_mask, deterministic=deterministic)
+        y = run_stack(self.decoder_layers, y, memory, self_mask, cross_mask, deterministic)
         return self._logits(y)
+
+    def _decoder_layers(self) -> list[DecoderLayer]:
+        """The decoder layers one by one (sliced from the stack with ``scan_layers``)."""
+        cfg = self.config
+        return unstacked(self, DecoderLayer, cfg, "decoder_layers", cfg.num_decoder_layers)
 
     def _logits(self, y: jax.Array) -> jax.Array:
         y = self.decoder_norm(y) if self.config.norm == "pre" else y
@@ -296,7 +305,7 @@ class Transformer(nn.Module):
             raise ValueError(f"cache max_len={max_len} must be in [1, {cfg.max_len}]")
         shape = (src.shape[0], cfg.num_heads, max_len, cfg.head_dim)
         layers = []
-        for layer in self.decoder_layers:
+        for layer in self._decoder_layers():
             k, v = layer.cross_attention.project_kv_cache(memory)
             zeros = jnp.zeros(shape, cfg.compute_dtype)
             layers.append({"k": zeros, "v": zeros, "cross_k": k, "cross_v": v})
@@ -320,7 +329,7 @@ class Transformer(nn.Module):
         self_mask = (jnp.arange(length)[None, :] <= positions[:, None])[None, None]  # [1,1,t,L]
         cross_mask = cache["src_valid"][:, None, None, :]  # [B, 1, 1, S]
         new_layers = []
-        for layer, layer_cache in zip(self.decoder_layers, cache["layers"], strict=True):
+        for layer, layer_cache in zip(self._decoder_layers(), cache["layers"], strict=True):
             y, layer_cache = layer.step(y, self_mask, cross_mask, layer_cache, index)
             new_layers.append(layer_cache)
         new_cache = {**cache, "index": index + t, "layers": tuple(new_layers)}
@@ -361,6 +370,8 @@ def attention_maps(model: Transformer, variables, src: jax.Array, tgt: jax.Array
     cfg = model.config
 
     def stack(prefix, count, module):
+        if cfg.scan_layers:  # already stacked on the layer axis
+            return inter[prefix][module]["attention_weights"][0]
         return jnp.stack(
             [inter[f"{prefix}_{i}"][module]["attention_weights"][0] for i in range(count)]
         )

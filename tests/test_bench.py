@@ -37,3 +37,18 @@ def test_train_speed_names_the_machine_cpu_and_flags(monkeypatch):
     assert line.startswith("machine: Intel(R) Xeon(R) Platinum 8480+, ")
     assert "flags avx2:yes avx512f:yes avx512_bf16:no amx_bf16:yes amx_tile:no;" in line
     assert "cpu x8" in line and line.endswith("dtype=auto -> bfloat16")  # the tests run on CPU
+
+
+def test_compile_memory_bench_tables_every_setting(capsys):
+    from bench import compile_memory
+
+    compile_memory.main("--presets tiny --vocab 300 --rows 4 --length 16 --dtype float32".split())
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == len(compile_memory.VARIANTS)
+    temps = {}
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[3]) > 0 and float(cells[5]) >= float(cells[4]) > 0
+        temps[(cells[1], cells[2])] = float(cells[4])
+    # Keeping fewer activations needs no more temporary memory.
+    assert temps[("True", "full")] <= temps[("True", "none")]
