@@ -219,6 +219,7 @@ class Transformer(nn.Module):
         tgt_segments: jax.Array | None = None,
         tgt_positions: jax.Array | None = None,
         deterministic: bool = True,
+        features_only: bool = False,
     ) -> jax.Array:
         """Decoder over a whole target (teacher forcing): ``[B, T]`` -> logits ``[B, T, V]``.
 
@@ -228,6 +229,8 @@ class Transformer(nn.Module):
           tgt: ``[B, T]`` decoder input ids (shifted right; 0 = padding).
           src_segments, tgt_segments, tgt_positions: packing information (see ``encode``).
           deterministic: disables dropout.
+          features_only: return the decoder's output ``[B, T, D]`` before the output
+            projection (the training loss applies it itself, ``training.step.output_losses``).
         """
         src_valid = src != 0
         # The decoder's start token may be the padding id (Marian's is), so where real target
@@ -244,6 +247,8 @@ class Transformer(nn.Module):
         )
         y = self._embed(tgt, tgt_positions, deterministic)
         y = run_stack(self.decoder_layers, y, memory, self_mask, cross_mask, deterministic)
+        if features_only:
+            return self.decoder_norm(y) if self.config.norm == "pre" else y
         return self._logits(y)
 
     def _decoder_layers(self) -> list[DecoderLayer]:
@@ -265,8 +270,10 @@ class Transformer(nn.Module):
         src_positions: jax.Array | None = None,
         tgt_positions: jax.Array | None = None,
         deterministic: bool = True,
+        features_only: bool = False,
     ) -> jax.Array:
-        """Training/scoring forward pass: ``src [B, S]``, ``tgt [B, T]`` -> logits ``[B, T, V]``."""
+        """Training/scoring forward pass: ``src [B, S]``, ``tgt [B, T]`` -> logits ``[B, T, V]``
+        (or, with ``features_only``, the decoder's output ``[B, T, D]``, see ``decode``)."""
         if (src_segments is None) != (tgt_segments is None):
             raise ValueError("pass both src_segments and tgt_segments, or neither")
         memory = self.encode(
@@ -280,6 +287,7 @@ class Transformer(nn.Module):
             tgt_segments=tgt_segments,
             tgt_positions=tgt_positions,
             deterministic=deterministic,
+            features_only=features_only,
         )
 
     def init_cache(self, memory: jax.Array, src: jax.Array, max_len: int) -> Cache:
