@@ -207,6 +207,8 @@ def test_fine_tuning_an_import_lowers_the_training_loss(imported, tmp_path):
     cfg.update(dict(num_train_steps=12, warmup_steps=4, cooldown_steps=0, lr_scale=0.3,
                     tokens_per_step=1024, max_len=64, init_from=str(imported),
                     checkpoint_every_steps=12, **QUIET))  # fmt: skip
+    # The final evaluation (dev loss, greedy BLEU) with the imported tokenizer.
+    cfg.update(dict(eval_at_end=True, eval_every_steps=12, eval_sentences=8, beam_size=1))
     cfg.data.update(dict(source="text", train_prefix=str(CORPUS / "train"),
                          dev_prefix=str(CORPUS / "dev")))  # fmt: skip
     cfg.model.overrides.dropout_rate = 0.0
@@ -214,6 +216,8 @@ def test_fine_tuning_an_import_lowers_the_training_loss(imported, tmp_path):
     train.train_and_evaluate(cfg, tuned)
     assert json.loads((tuned / "model_config.json").read_text())["activation"] == "swish"
     assert (tuned / "vocab.json").read_bytes() == (imported / "vocab.json").read_bytes()
+    rows = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]
+    assert any("bleu" in r for r in rows) and any("dev_loss" in r for r in rows)
     loss = losses(tuned)
     first, last = np.mean([loss[s] for s in (1, 2, 3)]), np.mean([loss[s] for s in (10, 11, 12)])
     assert last < first - 0.3, loss
