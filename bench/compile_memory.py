@@ -15,9 +15,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from bench.train_speed import machine_line
+from bench.train_speed import machine_line, paper_optimizer
 from model import Transformer, TransformerConfig
 from training.state import TrainState, make_optimizer
 from training.step import make_train_step
@@ -37,11 +36,7 @@ def measure(preset: str, scan: bool, remat: str, *, vocab, rows, length, dtype) 
         vocab, max_len=max(length, 64), dtype=dtype, scan_layers=scan, remat=remat
     )
     model = Transformer(cfg)
-    opt = ml_collections.ConfigDict(
-        dict(warmup_steps=4000, lr_scale=1.0, adam_b1=0.9, adam_b2=0.98, adam_eps=1e-9,
-             grad_clip_norm=0.0)
-    )  # fmt: skip
-    tx, schedule = make_optimizer(opt, cfg.d_model)
+    tx, schedule = make_optimizer(paper_optimizer(), cfg.d_model)
     ids = jnp.ones((1, 8), jnp.int32)
 
     def init(key):

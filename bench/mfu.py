@@ -20,10 +20,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from bench.train_speed import matmul_peak
+from bench.train_speed import matmul_peak, paper_optimizer
 from model import Transformer, TransformerConfig, make_mesh, use_mesh
 from training.state import init_state, make_optimizer, state_shardings
 from training.step import jit_train_step, train_batch_sharding, train_flops_per_step
@@ -73,11 +72,7 @@ def main():
         args.vocab, max_len=max(args.length, 64), dtype=args.dtype
     )
     model = Transformer(cfg)
-    opt = ml_collections.ConfigDict(
-        dict(warmup_steps=4000, lr_scale=1.0, adam_b1=0.9, adam_b2=0.98, adam_eps=1e-9,
-             grad_clip_norm=0.0)
-    )  # fmt: skip
-    tx, schedule = make_optimizer(opt, cfg.d_model)
+    tx, schedule = make_optimizer(paper_optimizer(), cfg.d_model)
     mesh = make_mesh(devices=devices)
     shardings, _ = state_shardings(model, tx, mesh)
     state = init_state(model, tx, shardings, jax.random.key(0))

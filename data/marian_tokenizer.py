@@ -24,7 +24,6 @@ them, so they go back out unchanged on export.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -199,12 +198,6 @@ class MarianTokenizer:
             # from <s>).
             config["additional_special_tokens"] = [self.decoder_start_token]
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-    @staticmethod
-    def copy_files(source: Path, destination: Path) -> None:
-        """Copies a workdir's tokenizer files into another workdir."""
-        for name in (*FILES, DESCRIPTOR):
-            shutil.copyfile(source / name, destination / name)
 
     @property
     def vocab_size(self) -> int:

@@ -44,7 +44,12 @@ from data.marian_tokenizer import (
     project_to_marian,
 )
 from data.sources import DataError
-from interop.common import ConversionError, TransformerBundle, staged_directory
+from interop.common import (
+    ConversionError,
+    TransformerBundle,
+    check_new_output,
+    staged_directory,
+)
 
 log = logging.getLogger("interop")
 
@@ -458,8 +463,6 @@ def _marian_tensors(params: dict, cfg, pad: int) -> dict[str, np.ndarray]:
 
 
 def check_output(path: str | Path, force: bool) -> None:
-    from interop.common import check_new_output
-
     check_new_output(path, force)
 
 

@@ -15,7 +15,7 @@ from flax import linen as nn
 
 ctranslate2 = pytest.importorskip("ctranslate2")
 
-from data.tokenizer import BOS_ID, EOS_ID  # noqa: E402
+from data.tokenizer import EOS_ID  # noqa: E402
 from decoding.translate import SearchConfig, Translator  # noqa: E402
 from interop import ConversionError, TransformerBundle, registry  # noqa: E402
 from interop import ctranslate2 as ct2_export  # noqa: E402
@@ -67,9 +67,10 @@ def exported(tiny_workdir, tmp_path_factory):
 
 
 def project_log_probs(model, params, tokenizer, pairs):
-    """Teacher-forced log P(target token) of every target token, EOS included, one batch."""
-    srcs = [tokenizer.encode(s) + [EOS_ID] for s, _ in pairs]
-    tgts = [tokenizer.encode(t) + [EOS_ID] for _, t in pairs]
+    """Teacher-forced log P(target token) of every target token, EOS included, one batch
+    (the target side encoded as targets: Marian tokenizers have a model per side)."""
+    srcs = [tokenizer.encode(s) + [tokenizer.eos_id] for s, _ in pairs]
+    tgts = [tokenizer.encode(t, side="target") + [tokenizer.eos_id] for _, t in pairs]
 
     def pad(rows):
         out = np.zeros((len(rows), max(map(len, rows))), np.int32)
@@ -78,7 +79,8 @@ def project_log_probs(model, params, tokenizer, pairs):
         return jnp.asarray(out)
 
     tgt = pad(tgts)
-    logits = jax.jit(model.apply)({"params": params}, pad(srcs), shift_right(tgt, BOS_ID))
+    decoder_input = shift_right(tgt, tokenizer.bos_id)
+    logits = jax.jit(model.apply)({"params": params}, pad(srcs), decoder_input)
     lp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
     return [lp[i, np.arange(len(t)), t] for i, t in enumerate(tgts)]
 

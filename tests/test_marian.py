@@ -6,7 +6,6 @@ import json
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,8 +16,9 @@ from data.marian_tokenizer import MarianTokenizer, project_to_marian  # noqa: E4
 from decoding.translate import SearchConfig, Translator  # noqa: E402
 from interop import marian  # noqa: E402
 from interop.workdir import read_workdir  # noqa: E402
-from model import Transformer, shift_right  # noqa: E402
+from model import Transformer  # noqa: E402
 from tests import marian_fixture  # noqa: E402
+from tests import test_convert_ctranslate2 as convert_ct2_tests  # noqa: E402
 from tests.test_convert_ctranslate2 import error_lines, run_convert  # noqa: E402
 
 SOURCES = [
@@ -46,20 +46,9 @@ def hf_model(directory):
 
 
 def project_log_probs(model, params, tokenizer, sources, targets):
-    """Teacher-forced log P(token) of every target token (EOS included), one padded batch."""
-    srcs = [tokenizer.encode(s) + [tokenizer.eos_id] for s in sources]
-    tgts = [tokenizer.encode(t, side="target") + [tokenizer.eos_id] for t in targets]
-
-    def pad(rows):
-        out = np.zeros((len(rows), max(map(len, rows))), np.int32)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = r
-        return jnp.asarray(out)
-
-    tgt = pad(tgts)
-    logits = jax.jit(model.apply)({"params": params}, pad(srcs), shift_right(tgt, tokenizer.bos_id))
-    lp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
-    return [lp[i, np.arange(len(t)), t] for i, t in enumerate(tgts)]
+    return convert_ct2_tests.project_log_probs(
+        model, params, tokenizer, list(zip(sources, targets, strict=True))
+    )
 
 
 def assert_close(ours, theirs, atol=1e-4):
