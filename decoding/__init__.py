@@ -6,7 +6,8 @@ Modules (each has one job):
   early stopping and n-best output (the paper's decoder), and `length_penalty`.
 - `sampling`: `greedy_search` and `sample` (temperature, top-k, top-p).
 - `model_fns`: `cached_decoder` / `uncached_decoder`, which turn a `Transformer`, its variables
-  and a source batch into ``(tokens_to_logits, initial cache)``.
+  and a source batch into ``(tokens_to_logits, initial cache)``, and `lm_decoder`, the same
+  for a `DecoderOnlyLM` and a batch of prompts.
 - `common`: the cache contract and the length limits shared by the searches.
 - `translate`: `Translator`, sentences in and translations out (batching, detokenization).
 
@@ -26,7 +27,7 @@ are ``lax.while_loop``s, jit-compatible with the sizes static:
 
 from decoding.beam_search import beam_search, length_penalty
 from decoding.common import PerSentence
-from decoding.model_fns import cached_decoder, uncached_decoder
+from decoding.model_fns import cached_decoder, lm_decoder, uncached_decoder
 from decoding.sampling import greedy_search, sample, top_k_filter, top_p_filter
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "cached_decoder",
     "greedy_search",
     "length_penalty",
+    "lm_decoder",
     "sample",
     "top_k_filter",
     "top_p_filter",

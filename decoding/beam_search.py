@@ -54,7 +54,7 @@ def beam_search(
     batch_size: int,
     beam_size: int = 4,
     alpha: float = 0.6,
-    bos_id: int,
+    bos_id: int | jax.Array,
     eos_id: int,
     max_len: int,
     max_lengths: jax.Array | None = None,
@@ -70,7 +70,7 @@ def beam_search(
       batch_size: B.
       beam_size: K, static.
       alpha: the length penalty exponent (0: plain log-probability).
-      bos_id: the first decoder input.
+      bos_id: the first decoder input: one id, or ``[B]`` ids (a prompt's last token each).
       eos_id: the end-of-sequence id.
       max_len: static T, the width of the output and the most steps taken.
       max_lengths: optional ``[B]`` int per-sentence limits on n (capped at ``max_len``).
@@ -95,7 +95,7 @@ def beam_search(
         "cache": tile(cache, k),
         "live_seqs": jnp.zeros((b, k, t), jnp.int32),
         "live_logp": jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (b, 1)),
-        "last": jnp.full((b, k), bos_id, jnp.int32),
+        "last": jnp.broadcast_to(jnp.asarray(bos_id, jnp.int32).reshape(-1, 1), (b, k)),
         "done_seqs": jnp.zeros((b, k, t), jnp.int32),
         "done_scores": jnp.full((b, k), NEG_INF, jnp.float32),
     }

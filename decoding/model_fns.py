@@ -3,6 +3,8 @@
 * ``cached_decoder``: the encoder runs once, ``init_cache`` computes every layer's
   encoder-decoder keys/values once, and each step runs ``decode_step`` on one new token,
   appending its self-attention keys/values to the cache. This is how to decode.
+* ``lm_decoder``: the same for a ``DecoderOnlyLM``: the prompt runs through the cache at once
+  (all but its last token, which is the searches' first input), then one token per step.
 * ``uncached_decoder``: each step writes the new token into a ``[B, L]`` prefix and re-runs the
   whole decoder (``Transformer.decode``) over it, reading the logits at the current position.
   Static shapes mean it always processes all L positions (later ones are padding, invisible to
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from decoding.common import Cache, PerSentence, TokensToLogits, unwrap
+from model.decoder_only import DecoderOnlyLM
 from model.transformer import Transformer
 
 
@@ -56,10 +59,8 @@ def _mark(cache: Cache) -> Cache:
     """Marks ``Transformer.init_cache``'s entries for the searches (``decoding.common``)."""
     layers = tuple(
         {
-            "k": c["k"],  # [R, H, L, K]: follows the beams
-            "v": c["v"],
-            "cross_k": PerSentence(c["cross_k"]),
-            "cross_v": PerSentence(c["cross_v"]),
+            "self": c["self"],  # {'k', 'v'} [R, H, L, K]: follow the beams
+            "cross": {name: PerSentence(x) for name, x in c["cross"].items()},
         }
         for c in cache["layers"]
     )
@@ -95,3 +96,29 @@ def uncached_decoder(
         return step.astype(jnp.float32), {**cache, "index": index + 1, "prefix": prefix}
 
     return tokens_to_logits, cache
+
+
+def lm_decoder(
+    model: DecoderOnlyLM, variables: dict, prompts: jax.Array, length: int
+) -> tuple[TokensToLogits, Cache, jax.Array]:
+    """Continuing prompts with a decoder-only LM, through the same search functions.
+
+    Args:
+      model: the DecoderOnlyLM.
+      variables: its variables.
+      prompts: ``[B, P]`` int32 prompts of one length P >= 1, BOS first (no padding).
+      length: L, the cache's positions: P plus the most new tokens (<= ``config.max_len``).
+
+    Returns:
+      ``(tokens_to_logits, cache, first_ids)``: the cache already holds the first P - 1 prompt
+      positions, and ``first_ids [B]`` (the prompts' last tokens) is the searches' ``bos_id``.
+    """
+    cache = model.apply(variables, prompts.shape[0], length, method=DecoderOnlyLM.init_cache)
+    if prompts.shape[1] > 1:
+        _, cache = model.apply(variables, prompts[:, :-1], cache, method=DecoderOnlyLM.decode_step)
+
+    def tokens_to_logits(ids: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+        logits, cache = model.apply(variables, ids, cache, method=DecoderOnlyLM.decode_step)
+        return logits[:, 0].astype(jnp.float32), cache
+
+    return tokens_to_logits, cache, prompts[:, -1]

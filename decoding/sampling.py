@@ -33,7 +33,7 @@ def greedy_search(
     cache: Cache,
     *,
     batch_size: int,
-    bos_id: int,
+    bos_id: int | jax.Array,
     eos_id: int,
     max_len: int,
     max_lengths: jax.Array | None = None,
@@ -44,7 +44,7 @@ def greedy_search(
       tokens_to_logits: ``(ids [B, 1] int32, cache) -> (logits [B, V], cache)``.
       cache: the initial cache; non-scalar leaves have B leading rows.
       batch_size: B.
-      bos_id: the first decoder input.
+      bos_id: the first decoder input: one id, or ``[B]`` ids (a prompt's last token each).
       eos_id: the end-of-sequence id.
       max_len: static T, the width of the output and the most steps taken.
       max_lengths: optional ``[B]`` int per-sentence limits (capped at ``max_len``).
@@ -72,7 +72,7 @@ def sample(
     rng: jax.Array,
     *,
     batch_size: int,
-    bos_id: int,
+    bos_id: int | jax.Array,
     eos_id: int,
     max_len: int,
     temperature: float = 1.0,
@@ -154,7 +154,7 @@ def _decode(
     rng: jax.Array | None,
     *,
     batch_size: int,
-    bos_id: int,
+    bos_id: int | jax.Array,
     eos_id: int,
     max_len: int,
     max_lengths: jax.Array | None,

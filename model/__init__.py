@@ -1,14 +1,38 @@
-"""The Transformer of "Attention Is All You Need" as functional Flax (Linen) modules."""
+"""The Transformer of "Attention Is All You Need" and its family, as Flax (Linen) modules.
+
+``Transformer`` (the paper's encoder-decoder), ``DecoderOnlyLM`` (GPT-style) and
+``EncoderOnly`` (BERT-style) are assembled from the same blocks (``model/blocks.py``,
+``model/embedding.py``, ``model/attention.py``) and configured by one ``TransformerConfig``
+whose ``architecture`` field names the assembly; ``build_model`` picks the class.
+"""
 
 from model.config import TransformerConfig
+from model.decoder_only import DecoderOnlyLM
+from model.encoder_only import EncoderOnly
 from model.sharding import LOGICAL_RULES, make_mesh, use_mesh
 from model.transformer import Transformer, attention_maps, shift_right
 
+MODEL_CLASSES = {
+    "encoder_decoder": Transformer,
+    "decoder_only": DecoderOnlyLM,
+    "encoder_only": EncoderOnly,
+}
+
+
+def build_model(config: TransformerConfig):
+    """The module ``config.architecture`` names: Transformer, DecoderOnlyLM or EncoderOnly."""
+    return MODEL_CLASSES[config.architecture](config)
+
+
 __all__ = [
     "LOGICAL_RULES",
+    "MODEL_CLASSES",
+    "DecoderOnlyLM",
+    "EncoderOnly",
     "Transformer",
     "TransformerConfig",
     "attention_maps",
+    "build_model",
     "make_mesh",
     "shift_right",
     "use_mesh",

@@ -214,27 +214,60 @@ class MultiHeadAttention(nn.Module):
             y = y + self.out_bias
         return y.astype(cfg.compute_dtype)
 
+    def init_cache(self, batch: int, length: int) -> dict:
+        """An empty self-attention cache for ``length`` positions: ``{'k', 'v'}`` zeros
+        ``[B, H, L, K]`` in the compute dtype, filled by calls with ``index``."""
+        cfg = self.config
+        zeros = jnp.zeros((batch, cfg.num_heads, length, cfg.head_dim), cfg.compute_dtype)
+        return {"k": zeros, "v": zeros}
+
+    def init_memory_cache(self, memory: jax.Array) -> dict:
+        """The keys and values of an encoder ``memory [B, S, D]``, computed once per sentence
+        for encoder-decoder attention: ``{'k', 'v'}`` ``[B, H, S, K]``, read-only."""
+        k, v = self.project_kv_cache(memory)
+        return {"k": k, "v": v}
+
     def __call__(
         self,
         x: jax.Array,
         mask: jax.Array,
         *,
         kv: tuple[jax.Array, jax.Array] | None = None,
+        cache: dict | None = None,
+        index: jax.Array | None = None,
         deterministic: bool = True,
-    ) -> jax.Array:
-        """Attends from ``x`` to ``kv`` (default: self-attention over ``x``).
+    ) -> jax.Array | tuple[jax.Array, dict]:
+        """Attends from ``x`` to ``kv`` (default: self-attention over ``x``), or to a cache.
 
         Args:
-          x: ``[B, T, D]`` query-side inputs.
-          mask: ``[B, 1, T, S]`` bool.
-          kv: precomputed ``([B, S, H, K], [B, S, H, K])`` keys and values: the encoder memory's
-            (computed once per sentence) or a decoding cache's.
+          x: ``[B, T, D]`` query-side inputs (``[R, T, D]`` when decoding, see ``attend_cache``).
+          mask: ``[B, 1, T, S]`` bool; with a cache ``[B or 1, 1, T, L]``.
+          kv: precomputed ``([B, S, H, K], [B, S, H, K])`` keys and values (the encoder
+            memory's, computed once per sentence).
+          cache: decoding mode. ``init_cache``'s self-attention cache, which this call extends
+            with the keys and values of ``x`` at positions ``index ..`` before attending; or
+            ``init_memory_cache``'s, read as it is when ``index`` is None. No dropout.
+          index: where the T new positions go in a self-attention cache.
           deterministic: disables attention dropout.
 
         Returns:
-          ``[B, T, D]``. When the ``intermediates`` collection is mutable, also sows the float32
-          probabilities ``[B, H, T, S]`` as ``attention_weights``.
+          ``[B, T, D]``, or with a cache ``([R, T, D], cache)``. When the ``intermediates``
+          collection is mutable (and no cache is passed), also sows the float32 probabilities
+          ``[B, H, T, S]`` as ``attention_weights``.
         """
+        if cache is not None:
+            if index is not None:
+                k_new, v_new = self.project_kv_cache(x)  # [R, H, T, K]
+                start = (0, 0, index, 0)
+                cache = {
+                    "k": jax.lax.dynamic_update_slice(
+                        cache["k"], k_new.astype(cache["k"].dtype), start
+                    ),
+                    "v": jax.lax.dynamic_update_slice(
+                        cache["v"], v_new.astype(cache["v"].dtype), start
+                    ),
+                }
+            return self.attend_cache(x, cache["k"], cache["v"], mask), cache
         cfg = self.config
         q = self._heads(x, self.query, "query_bias")
         k, v = self.project_kv(x) if kv is None else kv

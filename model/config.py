@@ -22,15 +22,21 @@ import jax.numpy as jnp
 Norm = Literal["post", "pre"]
 Activation = Literal["relu", "swish", "gelu"]
 Remat = Literal["none", "dots", "full"]
+Architecture = Literal["encoder_decoder", "decoder_only", "encoder_only"]
+ARCHITECTURES = ("encoder_decoder", "decoder_only", "encoder_only")
 PositionalLayout = Literal["interleaved", "concat"]
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-    """Hyper-parameters of the encoder-decoder Transformer.
+    """Hyper-parameters of a model of the family: the paper's encoder-decoder, or one half.
 
     Attributes:
+      architecture: which blocks are assembled (``model.build_model`` picks the class):
+        "encoder_decoder" (``Transformer``, the paper's), "decoder_only" (``DecoderOnlyLM``,
+        GPT-style: ``num_encoder_layers`` must be 0) or "encoder_only" (``EncoderOnly``,
+        BERT-style: ``num_decoder_layers`` must be 0).
       vocab_size: V, size of the vocabulary shared by source and target (id 0 is padding).
       d_model: D, width of the residual stream and of the embeddings.
       num_heads: H, attention heads; the head dimension is K = D / H.
@@ -57,6 +63,8 @@ class TransformerConfig:
         layer, not N; another parameter layout). See ``model/stacks.py``.
       remat: recompute activations in the backward pass: "none", "dots" (keep the projection
         matmuls' outputs) or "full" (keep each layer's input only).
+      num_classes: "encoder_only" only: the size of a classification head over the first
+        token's features (0: none).
     """
 
     vocab_size: int
@@ -78,20 +86,15 @@ class TransformerConfig:
     logits_bias: bool = False
     scan_layers: bool = False
     remat: Remat = "none"
+    architecture: Architecture = "encoder_decoder"
+    num_classes: int = 0
 
     def __post_init__(self):
-        for name in (
-            "vocab_size",
-            "d_model",
-            "num_heads",
-            "d_ff",
-            "num_encoder_layers",
-            "num_decoder_layers",
-            "max_len",
-        ):
+        for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"TransformerConfig.{name} must be a positive int, got {value!r}")
+        self._check_architecture()
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"TransformerConfig.d_model={self.d_model} must be divisible by "
@@ -138,6 +141,41 @@ class TransformerConfig:
                 f"TransformerConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}"
             )
 
+    def _check_architecture(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"TransformerConfig.architecture must be one of {ARCHITECTURES}, "
+                f"got {self.architecture!r}"
+            )
+        # Each side's layer count: positive where the architecture has that stack, else 0.
+        wanted = {
+            "num_encoder_layers": self.architecture != "decoder_only",
+            "num_decoder_layers": self.architecture != "encoder_only",
+        }
+        for name, present in wanted.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TransformerConfig.{name} must be a positive int, got {value!r}")
+            if present and value == 0:
+                raise ValueError(
+                    f"TransformerConfig.{name} must be a positive int for architecture="
+                    f"{self.architecture!r}, got 0"
+                )
+            if not present and value != 0:
+                raise ValueError(
+                    f"TransformerConfig.{name} must be 0 for architecture={self.architecture!r} "
+                    f"(it has no such stack), got {value!r}"
+                )
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int):
+            raise ValueError(
+                f"TransformerConfig.num_classes must be an int, got {self.num_classes!r}"
+            )
+        if self.num_classes < 0 or (self.num_classes and self.architecture != "encoder_only"):
+            raise ValueError(
+                "TransformerConfig.num_classes must be 0, or > 0 with architecture='encoder_only', "
+                f"got {self.num_classes!r} with {self.architecture!r}"
+            )
+
     @property
     def head_dim(self) -> int:
         """K, the per-head width of queries, keys and values."""
@@ -167,17 +205,28 @@ class TransformerConfig:
             raise ValueError(f"unknown TransformerConfig fields {unknown}; known: {sorted(known)}")
         return cls(**values)
 
-    # Presets. Table 3 of the paper; `tiny` is for tests and smoke runs.
+    # Presets. Table 3 of the paper; `tiny` is for tests and smoke runs. Each takes an
+    # ``architecture`` override; the stack that architecture lacks then gets 0 layers unless the
+    # overrides say otherwise.
+    @classmethod
+    def _preset(cls, vocab_size: int, values: dict, overrides: dict) -> TransformerConfig:
+        merged = {**values, **overrides}
+        missing = {"decoder_only": "num_encoder_layers", "encoder_only": "num_decoder_layers"}
+        side = missing.get(merged.get("architecture", "encoder_decoder"))
+        if side is not None and side not in overrides:
+            merged[side] = 0
+        return cls(vocab_size=vocab_size, **merged)
+
     @classmethod
     def base(cls, vocab_size: int, **overrides) -> TransformerConfig:
         """Transformer (base): N=6, d_model=512, d_ff=2048, h=8, P_drop=0.1 (~63M params at 37k)."""
-        return cls(vocab_size=vocab_size, **overrides)
+        return cls._preset(vocab_size, {}, overrides)
 
     @classmethod
     def big(cls, vocab_size: int, **overrides) -> TransformerConfig:
         """Transformer (big): N=6, d_model=1024, d_ff=4096, h=16, P_drop=0.3 (~213M at 37k)."""
         values = dict(d_model=1024, num_heads=16, d_ff=4096, dropout_rate=0.3)
-        return cls(vocab_size=vocab_size, **{**values, **overrides})
+        return cls._preset(vocab_size, values, overrides)
 
     @classmethod
     def tiny(cls, vocab_size: int, **overrides) -> TransformerConfig:
@@ -190,4 +239,24 @@ class TransformerConfig:
             num_decoder_layers=2,
             max_len=128,
         )
-        return cls(vocab_size=vocab_size, **{**values, **overrides})
+        return cls._preset(vocab_size, values, overrides)
+
+    @classmethod
+    def gpt2_small(cls, vocab_size: int = 50257, **overrides) -> TransformerConfig:
+        """A decoder-only LM shaped like GPT-2 small: 12 pre-LN layers, d_model=768, 12 heads,
+        d_ff=3072, GELU, biases on attention, 1,024 positions, tied embedding (~124M params at
+        GPT-2's vocabulary; sinusoidal positions where GPT-2 learns a [1024, 768] table)."""
+        values = dict(
+            architecture="decoder_only",
+            d_model=768,
+            num_heads=12,
+            d_ff=3072,
+            num_encoder_layers=0,
+            num_decoder_layers=12,
+            max_len=1024,
+            norm="pre",
+            activation="gelu",
+            attention_bias=True,
+            layer_norm_epsilon=1e-5,
+        )
+        return cls._preset(vocab_size, values, overrides)

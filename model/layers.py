@@ -1,4 +1,4 @@
-"""Building blocks: shared embedding, sinusoidal positions, feed-forward network, LayerNorm.
+"""Building blocks: the low-precision matmul, sinusoidal positions, feed-forward, LayerNorm.
 
 Shapes follow the legend in ``model/attention.py``: B batch, T length, D model, F feed-forward,
 V vocabulary.
@@ -92,47 +92,6 @@ def sinusoidal_positions(
             f"unknown positional layout {layout!r}; expected 'interleaved' or 'concat'"
         )
     return pe.astype(np.float32)
-
-
-class Embed(nn.Module):
-    """The embedding shared by source, target and the pre-softmax projection (section 3.4)."""
-
-    config: TransformerConfig
-
-    def setup(self):
-        cfg = self.config
-        init = nn.initializers.normal(stddev=cfg.d_model**-0.5)
-        self.embedding = self.param(
-            "embedding",
-            nn.with_logical_partitioning(init, ("vocab", "embed")),
-            (cfg.vocab_size, cfg.d_model),
-            cfg.params_dtype,
-        )
-        if cfg.logits_bias:
-            self.logits_bias = self.param(
-                "logits_bias",
-                nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)),
-                (cfg.vocab_size,),
-                cfg.params_dtype,
-            )
-
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        """``[B, T]`` int ids -> ``[B, T, D]`` embeddings multiplied by sqrt(d_model)."""
-        cfg = self.config
-        x = jnp.take(self.embedding, ids, axis=0).astype(jnp.float32)
-        return (x * math.sqrt(cfg.d_model)).astype(cfg.compute_dtype)
-
-    def attend(self, x: jax.Array) -> jax.Array:
-        """``[B, T, D]`` -> float32 logits ``[B, T, V]`` with the transposed embedding matrix.
-
-        With ``config.logits_bias`` a learned ``[V]`` bias (Marian's ``final_logits_bias``) is
-        added.
-        """
-        cfg = self.config
-        logits = matmul("btd,vd->btv", x, self.embedding, cfg.compute_dtype)
-        if cfg.logits_bias:
-            logits = logits + self.logits_bias.astype(jnp.float32)
-        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 
 ACTIVATIONS = {

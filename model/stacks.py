@@ -33,7 +33,7 @@ def _remat(cls, config, static_argnums: tuple[int, ...]):
     return nn.remat(cls, policy=REMAT_POLICIES[config.remat], static_argnums=static_argnums)
 
 
-def layer_stack(cls, config, count: int, static_argnums: tuple[int, ...]):
+def layer_stack(cls, config, count: int, static_argnums: tuple[int, ...], **fields):
     """``count`` layers of ``cls(config)``, to assign to a module attribute in ``setup``.
 
     Args:
@@ -42,6 +42,7 @@ def layer_stack(cls, config, count: int, static_argnums: tuple[int, ...]):
       count: N.
       static_argnums: the positions of ``__call__``'s non-array arguments (``deterministic``),
         counting the module itself as 0.
+      **fields: other fields of ``cls`` (``DecoderLayer``'s ``cross``).
 
     Returns:
       A list of modules (named ``ATTR_0``, ``ATTR_1``, ... by Flax) or, with
@@ -50,7 +51,7 @@ def layer_stack(cls, config, count: int, static_argnums: tuple[int, ...]):
     """
     body = _remat(cls, config, static_argnums)
     if not config.scan_layers:
-        return [body(config) for _ in range(count)]
+        return [body(config, **fields) for _ in range(count)]
     scanned = nn.scan(
         _carry(body),
         variable_axes={"params": 0, "intermediates": 0},
@@ -59,7 +60,7 @@ def layer_stack(cls, config, count: int, static_argnums: tuple[int, ...]):
         length=count,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    return scanned(config)
+    return scanned(config, **fields)
 
 
 def _carry(cls):
@@ -82,17 +83,19 @@ def run_stack(stack, x, *args):
     return stack(x, *args)[0]
 
 
-def unstacked(parent: nn.Module, cls, config, name: str, count: int) -> list[Any]:
+def unstacked(parent: nn.Module, cls, config, name: str, count: int, **fields) -> list[Any]:
     """The layers of ``parent``'s stack attribute ``name`` as separate modules, for per-layer
     methods (decoding steps).
 
     Without ``scan_layers`` these are the stack's own modules. With it, each is ``cls(config)``
-    bound to slice i of the stacked parameters.
+    bound to slice i of the stacked parameters (``fields`` as for ``layer_stack``).
     """
     if not config.scan_layers:
         return list(getattr(parent, name))
     stacked = nn.unbox(parent.variables["params"][name])
     return [
-        cls(config, parent=None).bind({"params": jax.tree.map(lambda a, i=i: a[i], stacked)})
+        cls(config, **fields, parent=None).bind(
+            {"params": jax.tree.map(lambda a, i=i: a[i], stacked)}
+        )
         for i in range(count)
     ]

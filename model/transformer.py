@@ -20,134 +20,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from model.attention import MultiHeadAttention, attention_mask
+from model.attention import attention_mask
+from model.blocks import Decoder, Encoder
 from model.config import TransformerConfig
-from model.layers import Embed, FeedForward, layer_norm, sinusoidal_positions
-from model.stacks import layer_stack, run_stack, unstacked
+from model.embedding import Embed
 
 # The decoding cache; its layout is documented in Transformer.init_cache.
 Cache = dict
-
-
-class _Sublayers(nn.Module):
-    """Residual wiring shared by encoder and decoder layers.
-
-    Post-LN (the paper): ``LayerNorm(x + Dropout(Sublayer(x)))``.
-    Pre-LN: ``x + Dropout(Sublayer(LayerNorm(x)))``.
-    """
-
-    config: TransformerConfig
-
-    def pre(self, x: jax.Array, norm: nn.LayerNorm) -> jax.Array:
-        return norm(x) if self.config.norm == "pre" else x
-
-    def residual(self, x, out, norm, deterministic: bool) -> jax.Array:
-        # The sum is taken in float32 so that bf16 compute does not round the residual stream twice.
-        y = x.astype(jnp.float32) + self.dropout(out, deterministic=deterministic).astype(
-            jnp.float32
-        )
-        y = norm(y) if self.config.norm == "post" else y
-        y = y.astype(self.config.compute_dtype)
-        return nn.with_logical_constraint(y, ("batch", "length", "embed"))
-
-
-class EncoderLayer(_Sublayers):
-    """Self-attention then feed-forward, ``[B, S, D] -> [B, S, D]``."""
-
-    def setup(self):
-        cfg = self.config
-        self.self_attention = MultiHeadAttention(cfg)
-        self.feed_forward = FeedForward(cfg)
-        self.norm_attention = layer_norm(cfg)
-        self.norm_ff = layer_norm(cfg)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
-
-    def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
-        h = self.pre(x, self.norm_attention)
-        x = self.residual(
-            x, self.self_attention(h, mask, deterministic=deterministic), self.norm_attention,
-            deterministic,
-        )  # fmt: skip
-        h = self.pre(x, self.norm_ff)
-        return self.residual(x, self.feed_forward(h), self.norm_ff, deterministic)
-
-
-class DecoderLayer(_Sublayers):
-    """Masked self-attention, encoder-decoder attention, feed-forward, ``[B, T, D] -> [B, T, D]``.
-
-    Each sub-layer has its own residual connection and LayerNorm.
-    """
-
-    def setup(self):
-        cfg = self.config
-        self.self_attention = MultiHeadAttention(cfg)
-        self.cross_attention = MultiHeadAttention(cfg)
-        self.feed_forward = FeedForward(cfg)
-        self.norm_self = layer_norm(cfg)
-        self.norm_cross = layer_norm(cfg)
-        self.norm_ff = layer_norm(cfg)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
-
-    def __call__(
-        self,
-        y: jax.Array,
-        memory: jax.Array,
-        self_mask: jax.Array,
-        cross_mask: jax.Array,
-        deterministic: bool = True,
-    ) -> jax.Array:
-        """One decoder layer over a whole target (teacher forcing).
-
-        Args:
-          y: ``[B, T, D]`` decoder stream.
-          memory: ``[B, S, D]``, the encoder's output.
-          self_mask: ``[B, 1, T, T]``.
-          cross_mask: ``[B, 1, T, S]``.
-          deterministic: disables dropout.
-
-        Returns:
-          ``[B, T, D]``.
-        """
-        h = self.pre(y, self.norm_self)
-        a = self.self_attention(h, self_mask, deterministic=deterministic)
-        y = self.residual(y, a, self.norm_self, deterministic)
-        h = self.pre(y, self.norm_cross)
-        cross_kv = self.cross_attention.project_kv(memory)
-        a = self.cross_attention(h, cross_mask, kv=cross_kv, deterministic=deterministic)
-        y = self.residual(y, a, self.norm_cross, deterministic)
-        h = self.pre(y, self.norm_ff)
-        return self.residual(y, self.feed_forward(h), self.norm_ff, deterministic)
-
-    def step(
-        self, y: jax.Array, self_mask: jax.Array, cross_mask: jax.Array, cache: dict, index
-    ) -> tuple[jax.Array, dict]:
-        """The layer on new positions during decoding, reading and extending its cache.
-
-        Args:
-          y: ``[R, T, D]`` decoder stream of the new positions (R = B * n rows, n beams).
-          self_mask: ``[1, 1, T, L]``: which cache positions each new position sees.
-          cross_mask: ``[B, 1, 1, S]``: the source's padding, per sentence.
-          cache: ``{'k', 'v'}`` ``[R, H, L, K]`` and ``{'cross_k', 'cross_v'}`` ``[B, H, S, K]``.
-          index: where the T new positions go in the cache.
-
-        Returns:
-          ``([R, T, D]`` outputs, the cache with the new keys and values written).
-        """
-        h = self.pre(y, self.norm_self)
-        k_new, v_new = self.self_attention.project_kv_cache(h)  # [R, H, T, K]
-        start = (0, 0, index, 0)
-        cache = {
-            **cache,
-            "k": jax.lax.dynamic_update_slice(cache["k"], k_new.astype(cache["k"].dtype), start),
-            "v": jax.lax.dynamic_update_slice(cache["v"], v_new.astype(cache["v"].dtype), start),
-        }
-        a = self.self_attention.attend_cache(h, cache["k"], cache["v"], self_mask)
-        y = self.residual(y, a, self.norm_self, True)
-        h = self.pre(y, self.norm_cross)
-        a = self.cross_attention.attend_cache(h, cache["cross_k"], cache["cross_v"], cross_mask)
-        y = self.residual(y, a, self.norm_cross, True)
-        h = self.pre(y, self.norm_ff)
-        return self.residual(y, self.feed_forward(h), self.norm_ff, True), cache
 
 
 class Transformer(nn.Module):
@@ -157,38 +36,18 @@ class Transformer(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.embed = Embed(cfg)
-        # Lists of layers (params encoder_layers_0, ...) or, with scan_layers, one scanned
-        # module each (params encoder_layers/... stacked [N, ...]); see model/stacks.py.
-        self.encoder_layers = layer_stack(
-            EncoderLayer, cfg, cfg.num_encoder_layers, static_argnums=(3,)
-        )
-        self.decoder_layers = layer_stack(
-            DecoderLayer, cfg, cfg.num_decoder_layers, static_argnums=(5,)
-        )
-        if cfg.norm == "pre":
-            self.encoder_norm = layer_norm(cfg)
-            self.decoder_norm = layer_norm(cfg)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
-        self.position_table = sinusoidal_positions(
-            cfg.max_len, cfg.d_model, cfg.positional_encoding
-        )
-
-    def _embed(self, ids: jax.Array, positions: jax.Array | None, deterministic: bool):
-        """``[B, T]`` ids -> Dropout(Embed(ids) * sqrt(D) + PE(positions)), ``[B, T, D]``."""
-        cfg = self.config
-        length = ids.shape[1]
-        if length > cfg.max_len:
+        if not (cfg.architecture == "encoder_decoder"):
             raise ValueError(
-                f"sequence length {length} exceeds TransformerConfig.max_len={cfg.max_len}"
+                f"Transformer needs architecture='encoder_decoder', got {cfg.architecture!r} "
+                "(model.build_model picks the class)"
             )
-        if positions is None:
-            pe = self.position_table[None, :length]
-        else:
-            pe = jnp.take(self.position_table, positions, axis=0)
-        x = self.embed(ids).astype(jnp.float32) + pe
-        x = self.dropout(x, deterministic=deterministic).astype(cfg.compute_dtype)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        self.embed = Embed(cfg)
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        # The stacks' parameters live in this module's scope (encoder_layers_0, decoder_norm,
+        # ...), as they did before the stacks were modules: old checkpoints load unchanged.
+        nn.share_scope(self, self.encoder)
+        nn.share_scope(self, self.decoder)
 
     def encode(
         self,
@@ -205,9 +64,8 @@ class Transformer(nn.Module):
         """
         valid = src != 0
         mask = attention_mask(valid, valid, q_segments=src_segments, k_segments=src_segments)
-        x = self._embed(src, src_positions, deterministic)
-        x = run_stack(self.encoder_layers, x, mask, deterministic)
-        return self.encoder_norm(x) if self.config.norm == "pre" else x
+        x = self.embed(src, src_positions, deterministic=deterministic)
+        return self.encoder(x, mask, deterministic)
 
     def decode(
         self,
@@ -245,20 +103,9 @@ class Transformer(nn.Module):
         cross_mask = attention_mask(
             tgt_valid, src_valid, q_segments=tgt_segments, k_segments=src_segments
         )
-        y = self._embed(tgt, tgt_positions, deterministic)
-        y = run_stack(self.decoder_layers, y, memory, self_mask, cross_mask, deterministic)
-        if features_only:
-            return self.decoder_norm(y) if self.config.norm == "pre" else y
-        return self._logits(y)
-
-    def _decoder_layers(self) -> list[DecoderLayer]:
-        """The decoder layers one by one (sliced from the stack with ``scan_layers``)."""
-        cfg = self.config
-        return unstacked(self, DecoderLayer, cfg, "decoder_layers", cfg.num_decoder_layers)
-
-    def _logits(self, y: jax.Array) -> jax.Array:
-        y = self.decoder_norm(y) if self.config.norm == "pre" else y
-        return self.embed.attend(y)
+        y = self.embed(tgt, tgt_positions, deterministic=deterministic)
+        y = self.decoder(y, memory, self_mask, cross_mask, deterministic)
+        return y if features_only else self.embed.attend(y)
 
     def __call__(
         self,
@@ -290,8 +137,8 @@ class Transformer(nn.Module):
             features_only=features_only,
         )
 
-    def init_cache(self, memory: jax.Array, src: jax.Array, max_len: int) -> Cache:
-        """An empty decoding cache for up to ``max_len`` target positions.
+    def init_cache(self, memory: jax.Array, src: jax.Array, length: int) -> Cache:
+        """An empty decoding cache for up to ``length`` (L) target positions.
 
         The encoder-decoder keys/values of every layer are computed here, once per sentence.
         Keys and values are head-major (``[B, H, L, K]``, see ``cached_attention``).
@@ -299,30 +146,25 @@ class Transformer(nn.Module):
         Args:
           memory: ``[B, S, D]`` from ``encode``.
           src: ``[B, S]`` source ids (for the padding mask).
-          max_len: L, the longest target the cache will hold (<= ``config.max_len``).
+          length: L, the longest target the cache will hold (<= ``config.max_len``).
 
         Returns:
-          ``{'index': int32 [], 'src_valid': bool [B, S], 'layers': ({'k', 'v': [B, H, L, K]
-          self-attention, filled step by step; 'cross_k', 'cross_v': [B, H, S, K]}, ...)}``.
-          A search with n beams may repeat the rows of ``k`` and ``v`` (R = B * n rows, rows
-          ``b * n ..`` for sentence b) and keep the rest per sentence: ``decode_step`` reads
-          the number of beams from the ratio.
+          ``{'index': int32 [], 'src_valid': bool [B, S], 'layers': ({'self': {'k', 'v':
+          [B, H, L, K]}, filled step by step; 'cross': {'k', 'v': [B, H, S, K]}}, ...)}``.
+          A search with n beams may repeat the rows of the ``'self'`` entries (R = B * n rows,
+          rows ``b * n ..`` for sentence b) and keep the rest per sentence: ``decode_step``
+          reads the number of beams from the ratio.
         """
         cfg = self.config
-        if not 0 < max_len <= cfg.max_len:
-            raise ValueError(f"cache max_len={max_len} must be in [1, {cfg.max_len}]")
-        shape = (src.shape[0], cfg.num_heads, max_len, cfg.head_dim)
-        layers = []
-        for layer in self._decoder_layers():
-            k, v = layer.cross_attention.project_kv_cache(memory)
-            zeros = jnp.zeros(shape, cfg.compute_dtype)
-            layers.append({"k": zeros, "v": zeros, "cross_k": k, "cross_v": v})
-        return {"index": jnp.array(0, jnp.int32), "src_valid": src != 0, "layers": tuple(layers)}
+        if not 0 < length <= cfg.max_len:
+            raise ValueError(f"cache length {length} must be in [1, {cfg.max_len}]")
+        layers = self.decoder.init_cache(src.shape[0], length, memory)
+        return {"index": jnp.array(0, jnp.int32), "src_valid": src != 0, "layers": layers}
 
     def decode_step(self, ids: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         """Runs the decoder on ``ids [R, t]`` (usually t = 1) at the cache's current position.
 
-        Positions ``index .. index + t - 1`` must fit in the cache (``init_cache``'s max_len);
+        Positions ``index .. index + t - 1`` must fit in the cache (``init_cache``'s length);
         decoding is deterministic (no dropout). R is the cache's self-attention rows: B, or
         B * n with n beams per sentence (see ``init_cache``).
 
@@ -330,18 +172,12 @@ class Transformer(nn.Module):
           ``(logits [R, t, V]`` float32, the cache advanced by t positions).
         """
         index = cache["index"]
-        t = ids.shape[1]
-        length = cache["layers"][0]["k"].shape[2]
-        positions = index + jnp.arange(t, dtype=jnp.int32)  # [t]
-        y = self._embed(ids, jnp.broadcast_to(positions, ids.shape), deterministic=True)
-        self_mask = (jnp.arange(length)[None, :] <= positions[:, None])[None, None]  # [1,1,t,L]
+        positions = index + jnp.arange(ids.shape[1], dtype=jnp.int32)
+        y = self.embed(ids, jnp.broadcast_to(positions, ids.shape))
         cross_mask = cache["src_valid"][:, None, None, :]  # [B, 1, 1, S]
-        new_layers = []
-        for layer, layer_cache in zip(self._decoder_layers(), cache["layers"], strict=True):
-            y, layer_cache = layer.step(y, self_mask, cross_mask, layer_cache, index)
-            new_layers.append(layer_cache)
-        new_cache = {**cache, "index": index + t, "layers": tuple(new_layers)}
-        return self._logits(y), new_cache
+        y, layers = self.decoder.step(y, cache["layers"], index, cross_mask)
+        new_cache = {**cache, "index": index + ids.shape[1], "layers": layers}
+        return self.embed.attend(y), new_cache
 
 
 def shift_right(targets: jax.Array, bos_id: int, segments: jax.Array | None = None) -> jax.Array:
