@@ -156,9 +156,11 @@ def make_optimizer(config: ml_collections.ConfigDict, d_model: int):
 
 def _init_fn(model: Transformer, tx: optax.GradientTransformation, boxed: bool):
     ids = jnp.ones((1, 8), jnp.int32)
+    # The encoder-decoder takes a source and a target; the family's halves one sequence.
+    args = (ids, ids) if model.config.architecture == "encoder_decoder" else (ids,)
 
     def init(rng):
-        params = model.init(rng, ids, ids)["params"]
+        params = model.init(rng, *args)["params"]
         params = params if boxed else nn.unbox(params)
         return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params))
 

@@ -19,7 +19,11 @@ from jax.sharding import Mesh, NamedSharding
 
 from model import Transformer, TransformerConfig, shift_right
 from model.sharding import batch_sharding
+from training.objectives import mlm_mask
 from training.state import TrainState
+
+# Ids below this are padding, EOS, BOS and UNK (data/tokenizer.py): never masked by the MLM.
+FIRST_REGULAR_ID = 4
 
 
 def token_losses(
@@ -115,32 +119,70 @@ def _output_losses_bwd(eps, dtypes, residuals, cotangents):
 _output_losses.defvjp(_output_losses_fwd, _output_losses_bwd)
 
 
-def _sums(model: Transformer, params, batch, bos_id: int, label_smoothing: float, rng):
-    """Summed smoothed loss, summed NLL and target token count of one (packed) batch."""
+def _forward_features(model, params, batch, bos_id: int, rng):
+    """The model's final features ``[B, T, D]`` and the ids they predict ``[B, T]`` (0: not
+    scored), for the objective of its architecture (``training.objectives``)."""
+    kind = model.config.architecture
+    dropout = {"deterministic": rng is None, "rngs": None if rng is None else {"dropout": rng}}
     segments = batch.get("targets_segmentation")
-    decoder_input = shift_right(batch["targets"], bos_id, segments)
+    if kind == "encoder_decoder":
+        y = model.apply(
+            {"params": params},
+            batch["inputs"],
+            shift_right(batch["targets"], bos_id, segments),
+            src_segments=batch.get("inputs_segmentation"),
+            tgt_segments=segments,
+            src_positions=batch.get("inputs_position"),
+            tgt_positions=batch.get("targets_position"),
+            features_only=True,
+            **dropout,
+        )
+        return y, batch["targets"]
+    if kind == "decoder_only":
+        y = model.apply(
+            {"params": params},
+            shift_right(batch["targets"], bos_id, segments),
+            segments=segments,
+            positions=batch.get("targets_position"),
+            features_only=True,
+            **dropout,
+        )
+        return y, batch["targets"]
+    # encoder_only: both sides of the batch are sentences to fill in.
+    both = {
+        key: jnp.concatenate([batch[f"inputs{suffix}"], batch[f"targets{suffix}"]])
+        for key, suffix in (("ids", ""), ("segments", "_segmentation"), ("positions", "_position"))
+        if f"inputs{suffix}" in batch
+    }
+    # Masks are drawn from the step's key; evaluation (no key) uses one fixed masking.
+    mask_rng = jax.random.fold_in(jax.random.key(0) if rng is None else rng, 1 << 20)
+    inputs, targets = mlm_mask(
+        mask_rng, both["ids"], vocab_size=model.config.vocab_size, first_regular_id=FIRST_REGULAR_ID
+    )
     y = model.apply(
         {"params": params},
-        batch["inputs"],
-        decoder_input,
-        src_segments=batch.get("inputs_segmentation"),
-        tgt_segments=segments,
-        src_positions=batch.get("inputs_position"),
-        tgt_positions=batch.get("targets_position"),
-        deterministic=rng is None,
-        rngs=None if rng is None else {"dropout": rng},
+        inputs,
+        segments=both.get("segments"),
+        positions=both.get("positions"),
         features_only=True,
+        **dropout,
     )
+    return y, targets
+
+
+def _sums(model, params, batch, bos_id: int, label_smoothing: float, rng):
+    """Summed smoothed loss, summed NLL and scored token count of one (packed) batch."""
+    y, targets = _forward_features(model, params, batch, bos_id, rng)
     embed = params["embed"]
     loss, nll = output_losses(
         y,
         embed["embedding"],
         embed.get("logits_bias"),
-        batch["targets"],
+        targets,
         label_smoothing,
         model.config.compute_dtype,
     )
-    weights = (batch["targets"] > 0).astype(jnp.float32)
+    weights = (targets > 0).astype(jnp.float32)
     return jnp.sum(loss * weights), (jnp.sum(nll * weights), jnp.sum(weights))
 
 
@@ -252,11 +294,17 @@ def train_flops_per_step(cfg: TransformerConfig, rows: int, length: int) -> floa
 
     Counts matmuls only (2 FLOPs per multiply-add), forward + backward = 3x forward, with full
     ``length x length`` attention (what the packed kernels compute), as in MFU accounting.
+    A decoder-only model reads one side per row, an encoder-only model both sides.
     """
     d, f, v, n = cfg.d_model, cfg.d_ff, cfg.vocab_size, rows * length
     attention_proj = 4 * d * d
     ffn = 2 * d * f
+    attentions = 2 if cfg.architecture == "encoder_decoder" else 1  # with cross-attention
     encoder = cfg.num_encoder_layers * (attention_proj + ffn + 2 * length * d)
-    decoder = cfg.num_decoder_layers * (2 * attention_proj + ffn + 4 * length * d)
-    forward = 2 * n * (encoder + decoder + d * v)
+    decoder = cfg.num_decoder_layers * attentions * (attention_proj + 2 * length * d)
+    decoder += cfg.num_decoder_layers * ffn
+    if cfg.architecture == "encoder_only":  # both sides are encoded; the MLM head's dense layer
+        forward = 2 * (2 * n) * (encoder + d * d + d * v)
+    else:  # a decoder-only model reads the target side only (its encoder has no layers)
+        forward = 2 * n * (encoder + decoder + d * v)
     return 3.0 * forward
