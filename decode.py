@@ -30,12 +30,12 @@ from flax import linen as nn
 
 from data import DataError, Tokenizer
 from data.tokenizer import workdir_tokenizer, workdir_tokenizer_files
+from decoding.scoring import score
 from decoding.translate import SearchConfig, Translator
 from model import Transformer, TransformerConfig, make_mesh
 from model.compilation import enable_compilation_cache
 from model.sharding import logical_to_sharding
 from training import checkpoints
-from training.evaluation import score
 
 log = logging.getLogger("decode")
 

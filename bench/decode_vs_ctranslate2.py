@@ -16,7 +16,7 @@ directory, then both engines translate the whole file, passes interleaved, media
   minus its median pass (the same difference for CTranslate2 is its warm-up overhead).
 
 Target tokens are counted the same way for both: SentencePiece pieces of each output + EOS.
-BLEU is sacreBLEU's (``training.evaluation.score``). Search: beam ``--beam_size`` with length
+BLEU is sacreBLEU's (``decoding.scoring.score``). Search: beam ``--beam_size`` with length
 penalty ``--alpha`` (greedy for 1), outputs up to source length + 50 tokens. CTranslate2's
 length penalty is ``length ** alpha``, not the project's ``((5 + length) / 6) ** alpha``, and its
 beam stops after ``beam_size`` finished hypotheses, so beam outputs may differ slightly (the
@@ -183,7 +183,7 @@ def _measure(args, tmp: Path) -> dict:
             else:
                 res[engine]["pass_s"].append(seconds)
 
-    from training.evaluation import score
+    from decoding.scoring import score
 
     for engine in ENGINES:
         r = res[engine]

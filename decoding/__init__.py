@@ -8,7 +8,9 @@ Modules (each has one job):
 - `model_fns`: `cached_decoder` / `uncached_decoder`, which turn a `Transformer`, its variables
   and a source batch into ``(tokens_to_logits, initial cache)``.
 - `common`: the cache contract and the length limits shared by the searches.
-- `translate`: `Translator`, sentences in and translations out (batching, detokenization).
+- `translate`: `Translator`, sentences in and translations out (batching, detokenization), and
+  `SearchConfig`, the search settings and their defaults.
+- `scoring`: `score`, corpus BLEU and chrF with sacreBLEU.
 
 The searches see the model only through ``tokens_to_logits(ids [B, 1] int32, cache) ->
 (logits [B, V] float32, cache)`` and a cache pytree whose non-scalar leaves have the batch as
