@@ -30,12 +30,12 @@ from flax import linen as nn
 
 from data import DataError, Tokenizer
 from data.tokenizer import workdir_tokenizer, workdir_tokenizer_files
+from decoding.scoring import score
 from decoding.translate import SearchConfig, Translator
 from model import Transformer, TransformerConfig, make_mesh
 from model.compilation import enable_compilation_cache
 from model.sharding import logical_to_sharding
 from training import checkpoints
-from training.evaluation import score
 
 log = logging.getLogger("decode")
 
@@ -199,14 +199,18 @@ def define_flags() -> None:
     flags.DEFINE_string("input", "-", "File to translate, one sentence per line; - for stdin.")
     flags.DEFINE_string("output", "-", "Where to write translations; - for stdout.")
     flags.DEFINE_string("reference", None, "Reference translations: print BLEU and chrF.")
-    flags.DEFINE_enum("method", "beam", ["beam", "greedy", "sample"], "Search method.")
-    flags.DEFINE_integer("beam_size", 4, "Beam size (the paper: 4).")
-    flags.DEFINE_float("alpha", 0.6, "Length penalty exponent (the paper: 0.6).")
-    flags.DEFINE_integer("n_best", 1, "Hypotheses per input line (tab-separated).")
-    flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
-    flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0: all).")
-    flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set with this probability mass.")
-    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    # The search flags default to SearchConfig's fields, the one place the paper's settings live.
+    search = SearchConfig()
+    flags.DEFINE_enum("method", search.method, ["beam", "greedy", "sample"], "Search method.")
+    flags.DEFINE_integer("beam_size", search.beam_size, "Beam size (the paper: 4).")
+    flags.DEFINE_float("alpha", search.alpha, "Length penalty exponent (the paper: 0.6).")
+    flags.DEFINE_integer("n_best", search.n_best, "Hypotheses per input line (tab-separated).")
+    flags.DEFINE_float("temperature", search.temperature, "Sampling temperature.")
+    flags.DEFINE_integer("top_k", search.top_k, "Sample from the k most likely tokens (0: all).")
+    flags.DEFINE_float(
+        "top_p", search.top_p, "Sample from the smallest set with this probability mass."
+    )
+    flags.DEFINE_integer("seed", search.seed, "Sampling seed.")
     flags.DEFINE_integer("batch_tokens", 4096, "Source tokens per batch (rows x padded width).")
     flags.DEFINE_integer("chunk_lines", 10_000, "Lines read, sorted and written at a time.")
     flags.DEFINE_bool("scores", False, "Write each hypothesis's score before it.")

@@ -42,7 +42,7 @@ from model.compilation import enable_compilation_cache
 from training import budget, checkpoints, evaluation, hardware, resume
 from training.loop_tools import StopSignal, Window
 from training.metrics import MetricsWriter, Stopwatch
-from training.state import make_optimizer, model_config, state_shardings
+from training.state import OptimizerConfig, make_optimizer, model_config, state_shardings
 from training.step import jit_train_step, make_eval_step, train_batch_sharding, train_flops_per_step
 
 log = logging.getLogger("train")
@@ -148,7 +148,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
     )
     iterator = iter(dataset)
 
-    tx, schedule = make_optimizer(config, model_cfg.d_model)
+    tx, schedule = make_optimizer(OptimizerConfig.from_config(config), model_cfg.d_model)
     shardings, abstract = state_shardings(model, tx, mesh)
     mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
     best_mngr = checkpoints.manager(workdir, "best", keep=1)

@@ -36,8 +36,11 @@ from configs.tiny import CORPUS as TINY_CORPUS
 from data.sources import ParallelText
 from data.tokenizer import BOS_ID, EOS_ID, load_or_train
 from decoding import beam_search, cached_decoder, uncached_decoder
+from decoding.translate import SearchConfig
 from model import Transformer
 from training.state import model_config
+
+SEARCH = SearchConfig()  # the paper's beam size and length penalty, as decode.py uses
 
 ADAPTERS = {"cached": cached_decoder, "uncached": uncached_decoder}
 # Finite, so that the EOS forced at the last step still has a (tiny) probability and every
@@ -81,8 +84,8 @@ def make_search(model: Transformer, adapter: str, out_len: int, beam_size: int):
             return logits.at[:, EOS_ID].set(NO_EOS), cache
 
         seqs, _ = beam_search(
-            tokens_to_logits, cache, batch_size=src.shape[0], beam_size=beam_size, alpha=0.6,
-            bos_id=BOS_ID, eos_id=EOS_ID, max_len=out_len,
+            tokens_to_logits, cache, batch_size=src.shape[0], beam_size=beam_size,
+            alpha=SEARCH.alpha, bos_id=BOS_ID, eos_id=EOS_ID, max_len=out_len,
         )  # fmt: skip
         return seqs[:, 0]
 
@@ -115,7 +118,7 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=128, help="for the cached decoder")
     parser.add_argument("--uncached-sentences", type=int, default=16)
     parser.add_argument("--batch", type=int, default=16, help="sentences per batch")
-    parser.add_argument("--beam-size", type=int, default=4)
+    parser.add_argument("--beam-size", type=int, default=SEARCH.beam_size)
     parser.add_argument("--out-len", type=int, default=64, help="output tokens per sentence")
     parser.add_argument("--max-src", type=int, default=128, help="source tokens kept")
     parser.add_argument("--dtype", help="compute dtype (default: configs/default.py's)")

@@ -16,7 +16,7 @@ directory, then both engines translate the whole file, passes interleaved, media
   minus its median pass (the same difference for CTranslate2 is its warm-up overhead).
 
 Target tokens are counted the same way for both: SentencePiece pieces of each output + EOS.
-BLEU is sacreBLEU's (``training.evaluation.score``). Search: beam ``--beam_size`` with length
+BLEU is sacreBLEU's (``decoding.scoring.score``). Search: beam ``--beam_size`` with length
 penalty ``--alpha`` (greedy for 1), outputs up to source length + 50 tokens. CTranslate2's
 length penalty is ``length ** alpha``, not the project's ``((5 + length) / 6) ** alpha``, and its
 beam stops after ``beam_size`` finished hypotheses, so beam outputs may differ slightly (the
@@ -69,7 +69,8 @@ def ct2_worker(args) -> None:
     translator = ctranslate2.Translator(args.model, device="cpu", intra_threads=args.ct2_threads)
     outputs = translate(
         translator, tokenizer, read_lines(args.input), max_len=max_len,
-        beam_size=args.beam_size, alpha=args.alpha, batch_tokens=args.batch_tokens,
+        beam_size=args.beam_size, alpha=args.alpha, extra_len=args.extra_len,
+        batch_tokens=args.batch_tokens,
     )  # fmt: skip
     Path(args.output).write_text("".join(o + "\n" for o in outputs), encoding="utf-8")
 
@@ -108,7 +109,8 @@ def run_child(cmd: list[str], log: Path) -> tuple[float, int]:
 
 
 def whole_run_commands(args, model_dir: Path, tmp: Path) -> dict[str, tuple[list[str], Path]]:
-    search = ["--beam_size", str(args.beam_size), "--alpha", str(args.alpha)]
+    search = ["--beam_size", str(args.beam_size), "--alpha", str(args.alpha),
+              "--extra_len", str(args.extra_len)]  # fmt: skip
     project_out, ct2_out = tmp / "decode.out", tmp / "ctranslate2.out"
     method = ["--method=greedy"] if args.beam_size == 1 else ["--method=beam"]
     project = [
@@ -170,7 +172,7 @@ def _measure(args, tmp: Path) -> dict:
         "decode.py": lambda: [nbest[0][0] for nbest in project.translate(params, sources)],
         "ctranslate2": lambda: translate(
             ct2, tokenizer, sources, max_len=max_len, beam_size=args.beam_size,
-            alpha=args.alpha, batch_tokens=args.batch_tokens,
+            alpha=args.alpha, extra_len=args.extra_len, batch_tokens=args.batch_tokens,
         ),
     }  # fmt: skip
     for p in range(args.passes + 1):  # Pass 0 is the warm-up (and the project's compilation).
@@ -183,7 +185,7 @@ def _measure(args, tmp: Path) -> dict:
             else:
                 res[engine]["pass_s"].append(seconds)
 
-    from training.evaluation import score
+    from decoding.scoring import score
 
     for engine in ENGINES:
         r = res[engine]
@@ -240,8 +242,10 @@ def parse_args(argv=None):
     parser.add_argument("--input", required=True, help="source sentences, one per line")
     parser.add_argument("--reference", help="reference translations: report BLEU")
     parser.add_argument("--checkpoint", default="latest", help="latest, best, averaged, STEP")
-    parser.add_argument("--beam_size", type=int, default=4, help="1: greedy search")
-    parser.add_argument("--alpha", type=float, default=0.6, help="length penalty exponent")
+    # Search defaults: None here, SearchConfig's below (the worker is always told all three).
+    parser.add_argument("--beam_size", type=int, help="1: greedy search")
+    parser.add_argument("--alpha", type=float, help="length penalty exponent")
+    parser.add_argument("--extra_len", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--passes", type=int, default=3, help="timed passes per engine")
     parser.add_argument("--batch_tokens", type=int, default=4096, help="source tokens per batch")
     parser.add_argument("--ct2_threads", type=int, default=0, help="0: the usable cores")
@@ -249,6 +253,13 @@ def parse_args(argv=None):
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not args.ct2_worker:  # the worker must not import JAX (see ct2_worker)
+        from decoding.translate import SearchConfig
+
+        default = SearchConfig()
+        for name in ("beam_size", "alpha", "extra_len"):
+            if getattr(args, name) is None:
+                setattr(args, name, getattr(default, name))
     args.ct2_threads = args.ct2_threads or cores()
     return args
 

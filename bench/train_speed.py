@@ -20,12 +20,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from model import Transformer, TransformerConfig, make_mesh
 from training.hardware import REPORTED_CPU_FLAGS, cpu_info, resolve_dtype
-from training.state import init_state, make_optimizer, state_shardings
+from training.state import OptimizerConfig, init_state, make_optimizer, state_shardings
 from training.step import make_train_step, train_flops_per_step
 
 D, H, F, LAYERS, V, B, L = 256, 4, 1024, 3, 8000, 32, 64
@@ -62,11 +61,11 @@ def batch(rng) -> dict:
     return {"inputs": src, "targets": tgt}
 
 
-def paper_optimizer() -> ml_collections.ConfigDict:
+def paper_optimizer() -> OptimizerConfig:
     """The paper's Adam settings (warmup 4000, no clipping), as the benchmarks train."""
-    return ml_collections.ConfigDict(
-        dict(warmup_steps=4000, lr_scale=1.0, adam_b1=0.9, adam_b2=0.98, adam_eps=1e-9,
-             grad_clip_norm=0.0)
+    return OptimizerConfig(
+        warmup_steps=4000, lr_scale=1.0, adam_b1=0.9, adam_b2=0.98, adam_eps=1e-9,
+        grad_clip_norm=0.0,
     )  # fmt: skip
 
 

@@ -4,7 +4,10 @@ import dataclasses
 
 import ml_collections
 
+from decoding.translate import SearchConfig
 from model.config import TransformerConfig
+
+_SEARCH = SearchConfig()
 
 
 def _model_overrides() -> ml_collections.ConfigDict:
@@ -88,8 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.bleu_every_steps = 5000  # dev BLEU / chrF (0: only at the end)
     c.eval_sentences = 0  # dev sentences for BLEU during training (0: all)
     c.eval_tokens_per_batch = 8192
-    c.beam_size = 4
-    c.alpha = 0.6
+    # Dev BLEU searches like decode.py does by default (SearchConfig holds the paper's values).
+    c.beam_size = _SEARCH.beam_size
+    c.alpha = _SEARCH.alpha
     c.eval_at_end = True  # dev loss and BLEU after the last step
     c.num_samples = 3  # sample translations printed at each BLEU evaluation
     c.checkpoint_every_steps = 5000

@@ -2,8 +2,8 @@
 
 Modules (each has one job):
 
-- `sources`: `(source, target)` string pairs from text files, TSV or TFDS (`open_split`), and
-  `DataError`, raised for every malformed input.
+- `errors`: `DataError`, raised for every malformed input.
+- `sources`: `(source, target)` string pairs from text files, TSV or TFDS (`open_split`).
 - `tokenizer`: the shared SentencePiece `Tokenizer` (0 = pad, 1 = EOS, 2 = BOS, 3 = UNK),
   trained once and cached (`load_or_train`).
 - `pipeline`: tokenize a process's shard, then packed training batches (`train_dataset`), the
@@ -47,8 +47,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from data.errors import DataError
 from data.eval_batches import decoding_batches, padded_batches, restore_order
-from data.sources import DataError, ParallelText, TSVPairs, open_split
+from data.sources import ParallelText, TSVPairs, open_split
 from data.tokenizer import Tokenizer, load_or_train, train_tokenizer
 
 # Imported on first use: they pull in grain (about 2 s), which corpus building and TFDS

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from data.sources import DataError
+from data.errors import DataError
 from data.tokenizer import EOS_ID, PAD_ID, Tokenizer
 
 log = logging.getLogger(__name__)

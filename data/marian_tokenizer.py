@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from data.sources import DataError
+from data.errors import DataError
 from data.tokenizer import EOS_ID, PAD_ID
 
 DESCRIPTOR = "marian_tokenizer.json"

@@ -19,7 +19,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from data.sources import DataError
+from data.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Any
 import grain
 import numpy as np
 
+from data.errors import DataError
 from data.packing import FEATURES, PackedBatches, best_fit
-from data.sources import DataError
 from data.tokenizer import EOS_ID, Tokenizer
 
 log = logging.getLogger(__name__)

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from data.errors import DataError
+
 log = logging.getLogger(__name__)
 
 _BOM = b"\xef\xbb\xbf"
@@ -33,10 +35,6 @@ _MAYBE_BLANK = _ASCII_SPACE.copy()
 _MAYBE_BLANK[128:] = True
 
 Pair = tuple[str, str]
-
-
-class DataError(ValueError):
-    """Malformed or missing input data; the message names the file, line and expectation."""
 
 
 class _Lines:

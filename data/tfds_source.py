@@ -40,7 +40,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from data.sources import DataError
+from data.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from data.sources import DataError
+from data.errors import DataError
 
 log = logging.getLogger(__name__)
 

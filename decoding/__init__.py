@@ -9,7 +9,9 @@ Modules (each has one job):
   and a source batch into ``(tokens_to_logits, initial cache)``, and `lm_decoder`, the same
   for a `DecoderOnlyLM` and a batch of prompts.
 - `common`: the cache contract and the length limits shared by the searches.
-- `translate`: `Translator`, sentences in and translations out (batching, detokenization).
+- `translate`: `Translator`, sentences in and translations out (batching, detokenization), and
+  `SearchConfig`, the search settings and their defaults.
+- `scoring`: `score`, corpus BLEU and chrF with sacreBLEU.
 
 The searches see the model only through ``tokens_to_logits(ids [B, 1] int32, cache) ->
 (logits [B, V] float32, cache)`` and a cache pytree whose non-scalar leaves have the batch as

@@ -334,10 +334,10 @@ def translate(
     texts: Sequence[str],
     *,
     max_len: int,
-    beam_size: int = 4,
-    alpha: float = 0.6,
+    beam_size: int | None = None,
+    alpha: float | None = None,
     batch_tokens: int = 4096,
-    extra_len: int = 50,
+    extra_len: int | None = None,
     rescore: bool = True,
 ) -> list[str]:
     """Translates ``texts`` with a CTranslate2 export, in order, like ``decode.py``.
@@ -363,11 +363,22 @@ def translate(
       alpha: the length-penalty exponent.
       batch_tokens: source-token budget per ``translate_batch`` call (at least one sentence).
       extra_len: outputs may be this much longer than their source.
+        (``beam_size``, ``alpha``, ``extra_len``: None takes ``SearchConfig``'s default, which
+        imports JAX; a caller that must stay JAX-free passes all three.)
       rescore: pick among CT2's finished hypotheses by the GNMT score (beam search only).
 
     Returns:
       One detokenized translation per text.
     """
+    if None in (beam_size, alpha, extra_len):
+        # Imported here: the search defaults live with decode.py's, but an export's user need
+        # not load JAX.
+        from decoding.translate import SearchConfig
+
+        default = SearchConfig()
+        beam_size = default.beam_size if beam_size is None else beam_size
+        alpha = default.alpha if alpha is None else alpha
+        extra_len = default.extra_len if extra_len is None else extra_len
     sources = [source_tokens(tokenizer, t, max_len) for t in texts]
     ids = {tokenizer.id_to_piece(i): i for i in range(tokenizer.vocab_size)}
     order = sorted((i for i, s in enumerate(sources) if s), key=lambda i: len(sources[i]))

@@ -38,12 +38,12 @@ from pathlib import Path
 
 import numpy as np
 
+from data.errors import DataError
 from data.marian_tokenizer import (
     MarianTokenizer,
     marian_to_project,
     project_to_marian,
 )
-from data.sources import DataError
 from interop.common import (
     ConversionError,
     TransformerBundle,

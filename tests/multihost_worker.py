@@ -17,11 +17,10 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from model import Transformer, TransformerConfig, make_mesh, use_mesh  # noqa: E402
-from training.state import init_state, make_optimizer, state_shardings  # noqa: E402
+from training.state import OptimizerConfig, init_state, make_optimizer, state_shardings  # noqa: E402
 from training.step import jit_train_step, train_batch_sharding  # noqa: E402
 
 if num_processes > 1:
@@ -30,8 +29,8 @@ if num_processes > 1:
 assert jax.device_count() == 2, jax.devices()
 
 model = Transformer(TransformerConfig.tiny(64))
-opt = ml_collections.ConfigDict(
-    dict(warmup_steps=10, lr_scale=1.0, adam_b1=0.9, adam_b2=0.98, adam_eps=1e-9, grad_clip_norm=0)
+opt = OptimizerConfig(
+    warmup_steps=10, lr_scale=1.0, adam_b1=0.9, adam_b2=0.98, adam_eps=1e-9, grad_clip_norm=0
 )
 tx, schedule = make_optimizer(opt, 32)
 mesh = make_mesh()

@@ -11,7 +11,12 @@ import pytest
 import train
 from tests.test_train import QUIET, tiny_config
 from training import budget
-from training.state import learning_rate_schedule, make_optimizer, schedule_horizon
+from training.state import (
+    OptimizerConfig,
+    learning_rate_schedule,
+    make_optimizer,
+    schedule_horizon,
+)
 
 
 def test_steps_fill_the_minutes_left_after_the_overhead_share():
@@ -92,7 +97,7 @@ def test_train_minutes_chooses_saves_and_keeps_the_number_of_steps(tmp_path, mon
     assert [r["step"] for r in rows] == list(range(1, total + 1))
     # The compiled step used the chosen schedule from the step after the choice on.
     config = tiny_config(**changes)
-    _, schedule = make_optimizer(config, 32)
+    _, schedule = make_optimizer(OptimizerConfig.from_config(config), 32)
     for row in rows:
         horizon = plan.horizon() if row["step"] > decided_at else None  # None: provisional
         expected = float(schedule(row["step"] - 1, horizon))

@@ -8,7 +8,8 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from data.sources import DataError, ParallelText, TSVPairs, open_split
+from data.errors import DataError
+from data.sources import ParallelText, TSVPairs, open_split
 
 
 def write(path: Path, data: str | bytes) -> Path:

@@ -7,9 +7,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from data.errors import DataError
 from data.eval_batches import default_buckets, padded_batches, restore_order
 from data.pipeline import batch_stats, encode_pairs, packing_fill, rows_per_step, train_dataset
-from data.sources import DataError, ParallelText
+from data.sources import ParallelText
 from data.tokenizer import train_tokenizer
 
 KEYS = {f"{k}{s}" for k in ("inputs", "targets") for s in ("", "_segmentation", "_position")}

@@ -21,7 +21,7 @@ from model import Transformer, TransformerConfig, make_mesh
 from tests.conftest import REPO
 from tests.test_train import losses, tiny_config
 from training import checkpoint_checks, checkpoints
-from training.state import make_optimizer, state_shardings
+from training.state import OptimizerConfig, make_optimizer, state_shardings
 
 # Regular checkpoints at 2 and 4, a best one at 3 (greedy BLEU on 4 dev sentences).
 SETTINGS = dict(
@@ -56,7 +56,7 @@ def abstract_state(workdir: Path, **changes):
     """The abstract training state configs/tiny.py (with ``changes``) builds for ``workdir``."""
     cfg = tiny_config(**changes)
     model_cfg = TransformerConfig.from_dict(json.loads((workdir / "model_config.json").read_text()))
-    tx, _ = make_optimizer(cfg, model_cfg.d_model)
+    tx, _ = make_optimizer(OptimizerConfig.from_config(cfg), model_cfg.d_model)
     _, abstract = state_shardings(Transformer(model_cfg), tx, make_mesh(devices=jax.devices()[:1]))
     return abstract
 

@@ -23,7 +23,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from data import tfds_source  # noqa: E402
-from data.sources import DataError  # noqa: E402
+from data.errors import DataError  # noqa: E402
 from data.tfds_source import TFDSPairs, TFDSUnavailableError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import random
 import pytest
 import sentencepiece as spm
 
-from data.sources import DataError
+from data.errors import DataError
 from data.tokenizer import Tokenizer, load_or_train, train_tokenizer
 
 SYLLABLES = "ka lo mi ne su ta ri po de fa gu ve la so ni".split()

@@ -23,14 +23,20 @@ from model import Transformer, TransformerConfig, make_mesh, use_mesh
 from tests.conftest import REPO
 from training import checkpoints
 from training.average import average_checkpoints
-from training.state import init_state, learning_rate_schedule, make_optimizer, state_shardings
+from training.state import (
+    OptimizerConfig,
+    init_state,
+    learning_rate_schedule,
+    make_optimizer,
+    state_shardings,
+)
 from training.step import jit_train_step, make_train_step, token_losses, train_batch_sharding
 
 
-def optimizer_config(**changes) -> ml_collections.ConfigDict:
+def optimizer_config(**changes) -> OptimizerConfig:
     """The paper's Adam settings with a short warmup, for steps on synthetic batches."""
     values = dict(warmup_steps=10, lr_scale=1.0, adam_b1=0.9, adam_b2=0.98, adam_eps=1e-9)
-    return ml_collections.ConfigDict({**values, "grad_clip_norm": 0.0, **changes})
+    return OptimizerConfig(**{**values, "grad_clip_norm": 0.0, **changes})
 
 
 QUIET = dict(eval_every_steps=0, bleu_every_steps=0, eval_at_end=False, log_every_steps=1)

@@ -1,4 +1,4 @@
-"""Dev-set evaluation during training: loss and perplexity, BLEU and chrF with sacreBLEU."""
+"""Dev-set evaluation during training: loss and perplexity, BLEU and chrF (`decoding.scoring`)."""
 
 from __future__ import annotations
 
@@ -8,29 +8,15 @@ from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
-import sacrebleu
 from jax.sharding import Mesh
 
 import data
+from decoding.scoring import score
 from decoding.translate import SearchConfig, Translator
 from model import Transformer
 from model.sharding import place_batch
 
 log = logging.getLogger("train")
-
-
-def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
-    """Corpus BLEU and chrF on detokenized text, with sacreBLEU's signatures."""
-    bleu = sacrebleu.metrics.BLEU()
-    chrf = sacrebleu.metrics.CHRF()
-    b = bleu.corpus_score(list(hypotheses), [list(references)])
-    c = chrf.corpus_score(list(hypotheses), [list(references)])
-    return {
-        "bleu": b.score,
-        "chrf": c.score,
-        "bleu_signature": str(bleu.get_signature()),
-        "chrf_signature": str(chrf.get_signature()),
-    }
 
 
 class Evaluator:

@@ -1,7 +1,8 @@
-"""Training state, the paper's optimizer, and creating both sharded over a device mesh."""
+"""Training state, the paper's optimizer (`OptimizerConfig`), and both sharded over a mesh."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -124,16 +125,60 @@ def _scale_by_schedule(schedule) -> optax.GradientTransformationExtraArgs:
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, d_model: int):
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """The training config's fields that the optimizer and its schedule read, and nothing else.
+
+    Attributes:
+      warmup_steps: linear warmup of the paper's schedule (section 5.3).
+      lr_scale: multiplies the paper's learning rate.
+      adam_b1, adam_b2, adam_eps: Adam's settings (the paper: 0.9, 0.98, 1e-9).
+      grad_clip_norm: clip gradients to this global norm (0: no clipping, as in the paper).
+      cooldown_steps: linear ramp to 0 over the last steps (0: none, as in the paper).
+      num_train_steps: the run's length, where the cooldown ends (used only with a cooldown).
+    """
+
+    warmup_steps: int
+    lr_scale: float
+    adam_b1: float
+    adam_b2: float
+    adam_eps: float
+    grad_clip_norm: float
+    cooldown_steps: int = 0
+    num_train_steps: int = 0
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> OptimizerConfig:
+        """Picks the optimizer's fields out of a training config (configs/common.py's fields).
+
+        ``cooldown_steps`` and ``num_train_steps`` may be absent (0, as before they existed).
+        """
+        return cls(
+            warmup_steps=config.warmup_steps,
+            lr_scale=config.lr_scale,
+            adam_b1=config.adam_b1,
+            adam_b2=config.adam_b2,
+            adam_eps=config.adam_eps,
+            grad_clip_norm=config.grad_clip_norm,
+            cooldown_steps=config.get("cooldown_steps", 0),
+            num_train_steps=config.get("num_train_steps", 0),
+        )
+
+
+def make_optimizer(opt: OptimizerConfig, d_model: int):
     """Adam(beta1 0.9, beta2 0.98, eps 1e-9) on the paper's schedule, optional clipping.
 
     ``tx.update`` takes an optional ``horizon=`` (``schedule_horizon``) that overrides the
     config's warmup, cooldown and total steps; without it they are the config's.
 
+    Args:
+      opt: the settings (``OptimizerConfig.from_config(config)`` for a training config).
+      d_model: the model width, which scales the paper's learning rate.
+
     Returns:
       ``(optax.GradientTransformation, schedule)``.
     """
-    cooldown, total = config.get("cooldown_steps", 0), config.get("num_train_steps", 0)
+    cooldown, total = opt.cooldown_steps, opt.num_train_steps
     if cooldown > total:  # e.g. a short trial run of a config made for a long one
         log.warning(
             "cooldown_steps=%d is longer than num_train_steps=%d: cooling down over the whole run",
@@ -142,15 +187,15 @@ def make_optimizer(config: ml_collections.ConfigDict, d_model: int):
         )
         cooldown = total
     schedule = learning_rate_schedule(
-        d_model, config.warmup_steps, config.lr_scale, cooldown_steps=cooldown, total_steps=total
+        d_model, opt.warmup_steps, opt.lr_scale, cooldown_steps=cooldown, total_steps=total
     )
     # optax.adam(schedule) is this chain; spelled out so the schedule can take the horizon.
     adam = optax.chain(
-        optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps),
+        optax.scale_by_adam(b1=opt.adam_b1, b2=opt.adam_b2, eps=opt.adam_eps),
         _scale_by_schedule(schedule),
     )
-    if config.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adam), schedule
+    if opt.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adam), schedule
     return adam, schedule
 
 
