@@ -54,22 +54,30 @@ class Evaluator:
             beam_size=config.beam_size,
             alpha=config.alpha,
         )
-        self.translator = Translator(
-            model, tokenizer, search, mesh=mesh, tokens_per_batch=config.eval_tokens_per_batch
-        )
+        # Only the encoder-decoder translates: the family's halves have dev loss, perplexity
+        # and accuracy only (``translates``).
+        self.translates = model.config.architecture == "encoder_decoder"
+        self.translator = None
+        if self.translates:
+            self.translator = Translator(
+                model, tokenizer, search, mesh=mesh, tokens_per_batch=config.eval_tokens_per_batch
+            )
 
     def dev_loss(self, params) -> dict:
-        """Label-smoothed loss and perplexity (exp of the plain NLL) per dev target token."""
-        loss = nll = tokens = 0.0
+        """Label-smoothed loss, perplexity (exp of the plain NLL) and accuracy per scored dev
+        token: the target tokens, or an encoder-only model's masked tokens."""
+        loss = nll = tokens = correct = 0.0
         for batch in self._loss_batches:
             placed = {k: place_batch(batch[k], self.mesh) for k in ("inputs", "targets")}
             sums = jax.device_get(self.eval_step(params, placed))
             loss, nll, tokens = loss + sums[0], nll + sums[1], tokens + sums[2]
+            correct += sums[3]
         tokens = max(tokens, 1.0)
         return {
             "dev_loss": loss / tokens,
             "dev_nll": nll / tokens,
             "dev_ppl": math.exp(nll / tokens),
+            "dev_accuracy": correct / tokens,
         }
 
     def bleu(self, params) -> dict:

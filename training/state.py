@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from model import Transformer, TransformerConfig
 from model.sharding import LOGICAL_RULES
 from training.hardware import resolve_dtype
+from training.objectives import model_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> Transfor
     overrides = {k: v for k, v in config.model.overrides.items() if v is not None}
     if overrides.get("dtype") == "auto":  # train.py resolves it first (and logs why); others here
         overrides["dtype"], _ = resolve_dtype("auto")
+    # An encoder-only model has one more embedding row than the tokenizer: its mask id.
+    vocab_size = model_vocab_size(overrides.get("architecture", "encoder_decoder"), vocab_size)
     return getattr(TransformerConfig, preset)(vocab_size, **overrides)
 
 

@@ -280,11 +280,25 @@ def jit_train_step(
 
 
 def make_eval_step(model: Transformer, *, bos_id: int, label_smoothing: float) -> Callable:
-    """Returns ``eval_step(params, batch) -> (loss_sum, nll_sum, tokens)`` for padded batches."""
+    """Returns ``eval_step(params, batch) -> (loss_sum, nll_sum, tokens, correct)`` for padded
+    batches: ``correct`` counts the scored tokens whose most likely prediction is the target
+    (the masked-token accuracy of an encoder-only model; next-token accuracy otherwise)."""
 
     def eval_step(params, batch):
-        loss, (nll, n) = _sums(model, params, batch, bos_id, label_smoothing, None)
-        return loss, nll, n
+        y, targets = _forward_features(model, params, batch, bos_id, None)
+        embed = params["embed"]
+        loss, nll = output_losses(
+            y, embed["embedding"], embed.get("logits_bias"), targets, label_smoothing,
+            model.config.compute_dtype,
+        )  # fmt: skip
+        weights = (targets > 0).astype(jnp.float32)
+        logits = jnp.einsum(
+            "btd,vd->btv", y, embed["embedding"].astype(y.dtype), preferred_element_type=jnp.float32
+        )
+        if "logits_bias" in embed:
+            logits = logits + embed["logits_bias"].astype(logits.dtype)
+        correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
+        return jnp.sum(loss * weights), jnp.sum(nll * weights), jnp.sum(weights), correct
 
     return eval_step
 
