@@ -63,11 +63,11 @@ def tiny_corpus() -> Path:
 @pytest.fixture(scope="session")
 def tiny_workdir(tiny_corpus, tmp_path_factory) -> Path:
     """A workdir trained for 30 steps with configs/tiny.py (decode and plot tests read it)."""
-    import train
+    import training.loop
     from tests.test_train import QUIET, tiny_config
 
     path = tmp_path_factory.mktemp("tiny_workdir")
-    train.train_and_evaluate(tiny_config(num_train_steps=30, **QUIET), path)
+    training.loop.train_and_evaluate(tiny_config(num_train_steps=30, **QUIET), path)
     return path
 
 

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-import train
+import training.loop
 from tests.test_train import QUIET, tiny_config
 from training import budget
 from training.state import (
@@ -55,7 +55,7 @@ def test_the_cap_and_a_spent_budget():
 def test_a_negative_budget_is_refused_naming_the_field(minutes, tmp_path):
     cfg = tiny_config(train_minutes=minutes)
     with pytest.raises(ValueError, match=r"config.train_minutes=-?(nan|[0-9.]+) must be >= 0"):
-        train.train_and_evaluate(cfg, tmp_path / "workdir")
+        training.loop.train_and_evaluate(cfg, tmp_path / "workdir")
     assert not (tmp_path / "workdir").exists()  # refused before any set-up
 
 
@@ -84,7 +84,7 @@ def test_train_minutes_chooses_saves_and_keeps_the_number_of_steps(tmp_path, mon
     # A cooldown far longer than the budget: warmup and cooldown must shrink to fit.
     changes = dict(train_minutes=0.04, num_train_steps=100_000, cooldown_steps=1000,
                    checkpoint_every_steps=22, keep_checkpoints=10, **QUIET)  # fmt: skip
-    train.train_and_evaluate(tiny_config(**changes), tmp_path)
+    training.loop.train_and_evaluate(tiny_config(**changes), tmp_path)
     [(decided_at, plan)] = chosen
     assert decided_at == budget.MEASURE_STEPS + 1  # steps 2..21 timed, the compiling one not
     total = plan.num_train_steps
@@ -120,7 +120,7 @@ def test_train_minutes_chooses_saves_and_keeps_the_number_of_steps(tmp_path, mon
         if path.name.isdigit() and int(path.name) > 22:
             shutil.rmtree(path)
     caplog.clear()
-    train.train_and_evaluate(tiny_config(**{**changes, "train_minutes": 5.0}), tmp_path)
+    training.loop.train_and_evaluate(tiny_config(**{**changes, "train_minutes": 5.0}), tmp_path)
     assert len(chosen) == 1, "a resumed run measured again"
     assert f"keeping the saved plan of {total} steps" in caplog.text
     assert "keeping them (a new --workdir measures again)" in caplog.text

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-import train
+import training.loop
 from tests.test_train import QUIET, tiny_config
 from training import hardware
 from training.state import model_config
@@ -85,7 +85,7 @@ def test_a_resumed_run_keeps_its_dtype_on_another_machine(tmp_path, monkeypatch,
     other = "float32" if first == "bfloat16" else "bfloat16"
     cfg = tiny_config(num_train_steps=2, checkpoint_every_steps=2, **QUIET)
     cfg.model.overrides.dtype = "auto"
-    train.train_and_evaluate(cfg, tmp_path)
+    training.loop.train_and_evaluate(cfg, tmp_path)
     assert json.loads((tmp_path / "model_config.json").read_text())["dtype"] == first
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model"]["overrides"]["dtype"] == first  # the resolved value, not "auto"
@@ -93,7 +93,9 @@ def test_a_resumed_run_keeps_its_dtype_on_another_machine(tmp_path, monkeypatch,
     # "Another machine": the hardware now says otherwise; the workdir's dtype wins.
     monkeypatch.setattr(hardware, "resolve_dtype", machine_choosing(other))
     cfg.num_train_steps = 4
-    train.train_and_evaluate(cfg, tmp_path)  # a different dtype would be refused as a new model
+    training.loop.train_and_evaluate(
+        cfg, tmp_path
+    )  # a different dtype would be refused as a new model
     assert json.loads((tmp_path / "model_config.json").read_text())["dtype"] == first
     assert f"keeping its dtype {first}" in caplog.text
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -103,5 +105,5 @@ def test_a_resumed_run_keeps_its_dtype_on_another_machine(tmp_path, monkeypatch,
     tuned = tmp_path / "tuned"
     cfg = tiny_config(num_train_steps=1, init_from=str(tmp_path), **QUIET)
     cfg.model.overrides.dtype = "auto"
-    train.train_and_evaluate(cfg, tuned)
+    training.loop.train_and_evaluate(cfg, tuned)
     assert json.loads((tuned / "model_config.json").read_text())["dtype"] == other

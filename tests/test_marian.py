@@ -187,7 +187,7 @@ def test_decode_py_translates_with_an_import(marian_dir, imported, tmp_path):
 
 
 def test_fine_tuning_an_import_lowers_the_training_loss(imported, tmp_path):
-    import train
+    import training.loop
     from configs import opus_mt_finetune
     from configs.tiny import CORPUS
     from tests.test_train import QUIET, losses
@@ -202,7 +202,7 @@ def test_fine_tuning_an_import_lowers_the_training_loss(imported, tmp_path):
                          dev_prefix=str(CORPUS / "dev")))  # fmt: skip
     cfg.model.overrides.dropout_rate = 0.0
     tuned = tmp_path / "tuned"
-    train.train_and_evaluate(cfg, tuned)
+    training.loop.train_and_evaluate(cfg, tuned)
     assert json.loads((tuned / "model_config.json").read_text())["activation"] == "swish"
     assert (tuned / "vocab.json").read_bytes() == (imported / "vocab.json").read_bytes()
     rows = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]

@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import train
+import training.loop
 from bench.fault_injection import fail_checkpoint_writes
 from model import Transformer, TransformerConfig, make_mesh
 from tests.conftest import REPO
@@ -33,7 +33,7 @@ SETTINGS = dict(
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("trained")
-    train.train_and_evaluate(tiny_config(**SETTINGS), path)
+    training.loop.train_and_evaluate(tiny_config(**SETTINGS), path)
     return path
 
 
@@ -68,7 +68,7 @@ def meta(workdir: Path, kind: str, step: int) -> dict:
 def test_a_kill_right_after_a_new_best_checkpoint_resumes(trained, workdir, caplog):
     # The state a SIGKILL right after step 3 leaves: best/3 written, checkpoints/4 not yet.
     shutil.rmtree(workdir / "checkpoints" / "4")
-    train.train_and_evaluate(tiny_config(**SETTINGS), workdir)
+    training.loop.train_and_evaluate(tiny_config(**SETTINGS), workdir)
     assert checkpoints.resolve(workdir) == ("checkpoints", 4)
     assert sorted(p.name for p in (workdir / "best").iterdir()) == ["3"]
     # The BLEU of best/3 was learnt from best/, not lost with the regular checkpoint.
@@ -80,7 +80,7 @@ def test_a_kill_right_after_a_new_best_checkpoint_resumes(trained, workdir, capl
     caplog.clear()
     (workdir / "best" / "3" / "meta" / "metadata").write_text("{garbled")
     with caplog.at_level(logging.INFO, logger="train"):
-        train.train_and_evaluate(tiny_config(**SETTINGS), workdir)
+        training.loop.train_and_evaluate(tiny_config(**SETTINGS), workdir)
     assert "cannot read the BLEU of best checkpoint" in caplog.text
     assert "best checkpoint 3 exists already" in caplog.text
 
@@ -88,7 +88,7 @@ def test_a_kill_right_after_a_new_best_checkpoint_resumes(trained, workdir, capl
 def test_a_checkpoint_of_another_optimizer_is_refused_and_nothing_moves(workdir):
     before = snapshot(workdir)
     with pytest.raises(checkpoints.CheckpointMismatchError) as info:
-        train.train_and_evaluate(tiny_config(**SETTINGS, grad_clip_norm=1.0), workdir)
+        training.loop.train_and_evaluate(tiny_config(**SETTINGS, grad_clip_norm=1.0), workdir)
     message = str(info.value)
     assert f"checkpoint {workdir}/checkpoints/4 does not fit this configuration" in message
     assert "opt_state: " in message and "leaves expected but not saved" in message
@@ -115,13 +115,13 @@ def test_a_workdir_of_another_model_is_refused_and_nothing_moves(workdir):
     cfg = tiny_config(**SETTINGS)
     cfg.model.overrides.d_ff = 128
     with pytest.raises(ValueError, match=r"describes a different model .*'d_ff': \(64, 128\)"):
-        train.train_and_evaluate(cfg, workdir)
+        training.loop.train_and_evaluate(cfg, workdir)
     assert snapshot(workdir) == before
 
 
 def test_a_checkpoint_of_another_batch_layout_is_refused(workdir):
     with pytest.raises(checkpoints.CheckpointMismatchError, match="batches: saved with") as info:
-        train.train_and_evaluate(tiny_config(**SETTINGS, tokens_per_step=4096), workdir)
+        training.loop.train_and_evaluate(tiny_config(**SETTINGS, tokens_per_step=4096), workdir)
     assert "tokens_per_step: 1024 -> 4096" in str(info.value)
 
 
@@ -131,7 +131,7 @@ def test_fine_tuning_starts_from_the_parameters_with_a_fresh_optimizer(trained, 
     changes = dict(num_train_steps=1, checkpoint_every_steps=1, bleu_every_steps=0,
                    lr_scale=0.0, grad_clip_norm=1.0, init_from=str(trained))  # fmt: skip
     cfg = tiny_config(**{**SETTINGS, **changes})
-    train.train_and_evaluate(cfg, tuned)
+    training.loop.train_and_evaluate(cfg, tuned)
     params, _ = checkpoints.load_params(tuned, 1)
     source, _ = checkpoints.load_params(trained, 4)
     jax.tree.map(np.testing.assert_array_equal, params, source)
@@ -142,13 +142,15 @@ def test_fine_tuning_starts_from_the_parameters_with_a_fresh_optimizer(trained, 
     assert int(jax.tree.leaves(restored[0].opt_state)[0]) == 1  # Adam's count
 
     with pytest.raises(ValueError, match="own --workdir"):
-        train.train_and_evaluate(tiny_config(init_from=str(trained)), trained)
+        training.loop.train_and_evaluate(tiny_config(init_from=str(trained)), trained)
     with pytest.raises(ValueError, match=r"another model .*'d_ff': \(64, 128\)"):
         cfg = tiny_config(init_from=str(trained / "best"))
         cfg.model.overrides.d_ff = 128
-        train.train_and_evaluate(cfg, tmp_path / "other")
+        training.loop.train_and_evaluate(cfg, tmp_path / "other")
     with pytest.raises(ValueError, match="expected a training workdir"):
-        train.train_and_evaluate(tiny_config(init_from=str(tmp_path / "nope")), tmp_path / "x")
+        training.loop.train_and_evaluate(
+            tiny_config(init_from=str(tmp_path / "nope")), tmp_path / "x"
+        )
 
 
 def test_transient_read_errors_are_retried_then_fail_loudly(workdir, monkeypatch, caplog):
@@ -238,9 +240,9 @@ def test_a_failed_save_leaves_the_previous_checkpoint_valid(trained, tmp_path):
     with fail_checkpoint_writes(step=4), pytest.raises(
         checkpoints.CheckpointWriteError, match=r"No space left on device.*steps \[2\]"
     ):  # fmt: skip
-        train.train_and_evaluate(tiny_config(**SETTINGS), workdir)
+        training.loop.train_and_evaluate(tiny_config(**SETTINGS), workdir)
     assert checkpoints.resolve(workdir) == ("checkpoints", 2)
     assert not (workdir / "checkpoints" / "4").exists()
-    train.train_and_evaluate(tiny_config(**SETTINGS), workdir)  # resumes from 2
+    training.loop.train_and_evaluate(tiny_config(**SETTINGS), workdir)  # resumes from 2
     assert losses(workdir) == losses(trained)
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]

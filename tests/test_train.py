@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-import train
+import training.loop
 import training.step
 from configs.tiny import get_config
 from model import Transformer, TransformerConfig, make_mesh, use_mesh
@@ -81,7 +81,7 @@ def wait_for_step(proc: subprocess.Popen, workdir: Path, step: int, timeout: flo
 
 def test_run_writes_metrics_config_tensorboard_and_checkpoints(tmp_path):
     cfg = tiny_config(num_train_steps=6, checkpoint_every_steps=3, eval_every_steps=6)
-    last = train.train_and_evaluate(cfg, tmp_path)
+    last = training.loop.train_and_evaluate(cfg, tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_sec",
@@ -132,13 +132,13 @@ def test_resume_after_sigterm_and_sigkill_reproduces_losses_bitwise(tmp_path):
 
 def test_corrupt_checkpoint_is_set_aside_and_previous_one_used(tmp_path, caplog):
     cfg = tiny_config(num_train_steps=4, checkpoint_every_steps=2, **QUIET)
-    train.train_and_evaluate(cfg, tmp_path)
+    training.loop.train_and_evaluate(cfg, tmp_path)
     # Damage every file of step 4's parameters, as a full disk or a bad copy would.
     for f in (tmp_path / "checkpoints" / "4" / "params").rglob("*"):
         if f.is_file():
             f.write_bytes(b"\0" * 7)
     cfg.num_train_steps = 6
-    train.train_and_evaluate(cfg, tmp_path)
+    training.loop.train_and_evaluate(cfg, tmp_path)
     assert "checkpoint" in caplog.text and "is damaged" in caplog.text
     assert list((tmp_path / "corrupt_checkpoints").iterdir())[0].name.startswith("4-")
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -163,8 +163,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(
 
     monkeypatch.setattr(training.step, "make_train_step", poisoned)
     cfg = tiny_config(num_train_steps=10, checkpoint_every_steps=2, **QUIET)
-    with pytest.raises(train.NonFiniteLossError, match="loss is nan at step 5"):
-        train.train_and_evaluate(cfg, tmp_path)
+    with pytest.raises(training.loop.NonFiniteLossError, match="loss is nan at step 5"):
+        training.loop.train_and_evaluate(cfg, tmp_path)
     assert checkpoints.resolve(tmp_path) == ("checkpoints", 4)
 
 
@@ -243,7 +243,7 @@ def test_train_py_runs_on_two_processes(tmp_path):
 
 def test_checkpoint_averaging_writes_the_mean(tmp_path):
     cfg = tiny_config(num_train_steps=6, checkpoint_every_steps=2, **QUIET)
-    train.train_and_evaluate(cfg, tmp_path)
+    training.loop.train_and_evaluate(cfg, tmp_path)
     step, steps = average_checkpoints(tmp_path, 2)
     assert (step, steps) == (6, [4, 6])
     averaged, meta = checkpoints.load_params(tmp_path, "averaged")

@@ -4,12 +4,12 @@ How the number is chosen (``SpeedProbe`` and ``plan_from_speed``):
 
 - The first step compiles and is not timed. The next ``MEASURE_STEPS`` steps are (fewer if they
   take ``MEASURE_SECONDS`` already), minus any time spent evaluating or saving meanwhile.
-- The budget counts from the start of ``train.train_and_evaluate``: data and tokenizer set-up,
-  compilation and the measured steps are already spent. Of what is left, ``OVERHEAD_SHARE`` is
-  set aside for the evaluations and checkpoints still to come and the final evaluation (the
-  default config spent 1.4 of its 29.7 minutes on them); the rest is divided by the measured
-  seconds per step. ``num_train_steps`` caps the result; a capped run is the one the config
-  describes without a budget (its warmup and cooldown as they are).
+- The budget counts from the start of ``training.loop.train_and_evaluate``: data and tokenizer
+  set-up, compilation and the measured steps are already spent. Of what is left,
+  ``OVERHEAD_SHARE`` is set aside for the evaluations and checkpoints still to come and the
+  final evaluation (the default config spent 1.4 of its 29.7 minutes on them); the rest is
+  divided by the measured seconds per step. ``num_train_steps`` caps the result; a capped run
+  is the one the config describes without a budget (its warmup and cooldown as they are).
 - Warmup and cooldown must fit in the run: when ``warmup_steps + cooldown_steps`` exceeds the
   steps chosen, both shrink in proportion to fill it exactly, and the rate is multiplied by
   ``sqrt(new warmup / warmup_steps)`` so the peak rate stays the configured one (the paper's

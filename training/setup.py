@@ -1,0 +1,180 @@
+"""Everything a training run needs before its first step, in one `Run`.
+
+`setup` opens the data, trains or loads the tokenizer, builds the model, mesh, optimizer and
+compiled steps, and resumes (or starts) the training state from the workdir; the loop itself
+(`training.loop`) only consumes what it built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+import data
+from data.tokenizer import workdir_tokenizer, workdir_tokenizer_files
+from model import Transformer, make_mesh
+from training import budget, checkpoints, evaluation, resume
+from training.metrics import MetricsWriter, Stopwatch
+from training.state import OptimizerConfig, make_optimizer, model_config, state_shardings
+from training.step import jit_train_step, make_eval_step, train_flops_per_step
+
+log = logging.getLogger("train")
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the training loop works with, built by ``setup``."""
+
+    config: ml_collections.ConfigDict
+    mesh: Any
+    iterator: Any
+    state: Any
+    train_step: Callable
+    evaluator: evaluation.Evaluator
+    mngr: Any  # the last K checkpoints
+    best_mngr: Any  # the best parameters by dev BLEU
+    writer: MetricsWriter
+    clock: Stopwatch
+    flops: float  # model FLOPs of one step
+    best_bleu: float
+    batch: dict  # the batch layout, saved with each checkpoint
+    plan: budget.Plan  # the last step and the schedule numbers that depend on it
+    measure: bool  # True: plan is provisional until the first steps are timed (train_minutes)
+    started: float = dataclasses.field(default_factory=time.monotonic)  # train_minutes counts
+
+
+def setup(config: ml_collections.ConfigDict, workdir: Path) -> Run:
+    """Data, tokenizer, model, mesh, optimizer, compiled steps; resumes from ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    train_pairs = data.open_split(config.data, "train")
+    dev_pairs = data.open_split(config.data, "dev")
+    source = None
+    if config.get("init_from"):
+        source, _ = resume.parse_init_from(config.init_from, workdir)  # refuses a bad value
+        if not resume.has_checkpoints(workdir):
+            # Fine-tuning: parameters only make sense with the tokenizer they were trained with.
+            resume.copy_tokenizer(source, workdir)
+    # One process trains it; the others load the same file.
+    if jax.process_index() == 0 and not workdir_tokenizer_files(workdir):
+        data.train_tokenizer(
+            train_pairs, workdir / "tokenizer.model", vocab_size=config.vocab_size, seed=config.seed
+        )
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("tokenizer written")
+    tokenizer = workdir_tokenizer(workdir)
+    if config.model.preset == "init_from":
+        model_cfg = resume.source_model_config(config, source)
+    else:
+        model_cfg = model_config(config, tokenizer.vocab_size)
+    if config.max_len > model_cfg.max_len:
+        raise ValueError(
+            f"config.max_len={config.max_len} exceeds the model's max_len={model_cfg.max_len}"
+        )
+    resume.check_model_config(workdir, model_cfg)
+    model = Transformer(model_cfg)
+
+    mesh = make_mesh(**config.mesh)
+    rows, batch = _batch_layout(config, train_pairs, tokenizer, mesh)
+    dataset = data.train_dataset(
+        train_pairs,
+        tokenizer,
+        max_len=config.max_len,
+        rows=rows // jax.process_count(),
+        seed=config.seed,
+        overlong=config.overlong,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    iterator = iter(dataset)
+
+    tx, schedule = make_optimizer(OptimizerConfig.from_config(config), model_cfg.d_model)
+    shardings, abstract = state_shardings(model, tx, mesh)
+    mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
+    best_mngr = checkpoints.manager(workdir, "best", keep=1)
+    state, data_state, meta = resume.start_state(
+        config, workdir, model=model, model_cfg=model_cfg, tx=tx, shardings=shardings,
+        abstract=abstract, mngr=mngr, batch=batch,
+    )  # fmt: skip
+    if data_state is not None:
+        iterator.set_state(data_state)
+    plan, measure = budget.start_plan(config, meta)
+    log.info("model: %s parameters", f"{_count(state.params):,}")
+    resume.write_configs(workdir, config, model_cfg)
+    # A run stopped right after a new best checkpoint has not yet recorded its BLEU elsewhere.
+    best_bleu = max(meta.get("best_bleu", -1.0), checkpoints.best_score(best_mngr) or -1.0)
+
+    train_step = jit_train_step(
+        model, tx, schedule, mesh, shardings,
+        bos_id=tokenizer.bos_id, label_smoothing=config.label_smoothing,
+    )  # fmt: skip
+    eval_step = jax.jit(
+        make_eval_step(model, bos_id=tokenizer.bos_id, label_smoothing=config.label_smoothing)
+    )
+    evaluator = evaluation.Evaluator(
+        model, tokenizer, dev_pairs, config, mesh=mesh, eval_step=eval_step
+    )
+    return Run(
+        config=config,
+        mesh=mesh,
+        iterator=iterator,
+        state=state,
+        train_step=train_step,
+        evaluator=evaluator,
+        mngr=mngr,
+        best_mngr=best_mngr,
+        writer=MetricsWriter(workdir, plan.num_train_steps, int(state.step)),
+        clock=Stopwatch(meta.get("elapsed_s", 0.0)),
+        flops=train_flops_per_step(model_cfg, rows * config.grad_accum_steps, config.max_len),
+        best_bleu=best_bleu,
+        batch=batch,
+        plan=plan,
+        measure=measure,
+    )
+
+
+def _batch_layout(config, train_pairs, tokenizer, mesh) -> tuple[int, dict]:
+    """Rows per micro-batch (global) whose real tokens per step match ``tokens_per_step``.
+
+    Returns:
+      ``(rows, layout)``; the layout is saved with every checkpoint, and a checkpoint saved
+      with another one cannot resume this run (its input position means other examples).
+    """
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    accum = config.grad_accum_steps
+    fill = data.packing_fill(
+        train_pairs, tokenizer, max_len=config.max_len, overlong=config.overlong, seed=config.seed
+    )
+    rows = data.rows_per_step(
+        config.tokens_per_step, config.max_len, shards, fill=fill, micro_batches=accum
+    )
+    if rows % jax.process_count():
+        raise ValueError(
+            f"{rows} rows per micro-batch do not split over {jax.process_count()} hosts"
+        )
+    real = accum * rows * config.max_len * fill
+    log.info(
+        "batches: %d x %d rows of %d per step, packed %.1f%% full: about %s real tokens per "
+        "side (tokens_per_step=%s)",
+        accum, rows, config.max_len, 100 * fill, f"{real:,.0f}", f"{config.tokens_per_step:,}",
+    )  # fmt: skip
+    if abs(real / config.tokens_per_step - 1) > 0.1:
+        log.warning(
+            "the nearest batch layout holds %.0f%% of tokens_per_step: a step's rows are a "
+            "multiple of %d (devices x micro-batches) of about %.0f tokens each",
+            100 * real / config.tokens_per_step, shards * accum, config.max_len * fill,
+        )  # fmt: skip
+    layout = {"rows": rows, "micro_batches": accum, "max_len": config.max_len}
+    return rows, layout
+
+
+def _count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
