@@ -11,9 +11,10 @@ with ``log P(y | x) = sum_t log_softmax(logits_t)[y_t]`` over the model's full v
 without their coverage penalty. The search approximates the best-scoring
 hypotheses among those with ``n <= max_lengths[b]``:
 
-* Each step expands the K live hypotheses by every token, keeps the 2K best extensions by
-  log-probability, files those of the top K that end in EOS as finished (like fairseq, so that
-  K = 1 with alpha = 0 is greedy search), and keeps the K best that do not as live.
+* Each step expands the W live hypotheses (W = beam_size) by every token, keeps the 2W best
+  extensions by log-probability, files those of the top W that end in EOS as finished (like
+  fairseq, so that W = 1 with alpha = 0 is greedy search), and keeps the W best that do not as
+  live.
 * At a sentence's length limit only EOS may follow, so every output ends with EOS.
 * Padding (id 0) is never emitted; tokens after EOS are 0.
 * A sentence is done once its ``n_best``-th finished score is at least the best score any live
@@ -63,18 +64,18 @@ def beam_search(
     """Finds the ``n_best`` best-scoring outputs of each sentence (see the module docstring).
 
     Args:
-      tokens_to_logits: ``(ids [B*K, 1] int32, cache) -> (logits [B*K, V], cache)``; row
-        ``b * K + k`` is beam k of sentence b.
+      tokens_to_logits: ``(ids [R, 1] int32, cache) -> (logits [R, V], cache)``, R = B * W;
+        row ``b * W + j`` is beam j of sentence b.
       cache: the initial cache for B sentences (per-row entries have B leading rows); they are
-        tiled to B*K rows here (see ``decoding.common`` for the entries left per sentence).
+        tiled to R = B * W rows here (see ``decoding.common`` for the entries left per sentence).
       batch_size: B.
-      beam_size: K, static.
+      beam_size: W, static.
       alpha: the length penalty exponent (0: plain log-probability).
       bos_id: the first decoder input: one id, or ``[B]`` ids (a prompt's last token each).
       eos_id: the end-of-sequence id.
       max_len: static T, the width of the output and the most steps taken.
       max_lengths: optional ``[B]`` int per-sentence limits on n (capped at ``max_len``).
-      n_best: N <= K, how many hypotheses to return per sentence, static.
+      n_best: at most W, how many hypotheses to return per sentence, static.
 
     Returns:
       ``(sequences [B, N, T] int32, scores [B, N] float32)``, best first. Sequences end with
@@ -89,7 +90,7 @@ def beam_search(
     limits = length_limits(max_lengths, b, t)
     best_limit_lp = length_penalty(limits, alpha)  # [B]
 
-    # Only beam 0 is live at first, so the K copies of BOS do not fill the beam with duplicates.
+    # Only beam 0 is live at first, so the W copies of BOS do not fill the beam with duplicates.
     init = {
         "i": jnp.array(0, jnp.int32),
         "cache": tile(cache, k),
@@ -112,12 +113,12 @@ def beam_search(
         i = state["i"]
         logits, new_cache = tokens_to_logits(state["last"].reshape(b * k, 1), state["cache"])
         log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        at_limit = jnp.repeat(i + 1 >= limits, k)  # [B*K]
+        at_limit = jnp.repeat(i + 1 >= limits, k)  # [R]
         log_probs = restrict_tokens(log_probs, at_limit, eos_id).reshape(b, k, -1)
         vocab = log_probs.shape[-1]
 
-        # The 2K best extensions of all live beams: at most K of them end in EOS, so at least
-        # K remain live.
+        # The 2W best extensions of all live beams: at most W of them end in EOS, so at least
+        # W remain live.
         ext_logp = (state["live_logp"][:, :, None] + log_probs).reshape(b, k * vocab)
         top_logp, top_idx = jax.lax.top_k(ext_logp, 2 * k)  # [B, 2K]
         parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
@@ -126,7 +127,7 @@ def beam_search(
         is_eos = token == eos_id
         exists = top_logp > NEG_INF / 2
 
-        # Finished: EOS extensions among the top K, merged with the earlier ones.
+        # Finished: EOS extensions among the top W, merged with the earlier ones.
         new_scores = top_logp / length_penalty(i + 1, alpha)
         newly_done = is_eos & exists & (jnp.arange(2 * k) < k)[None, :]
         done_scores, done_seqs = _top_k(
@@ -135,7 +136,7 @@ def beam_search(
             k,
         )
 
-        # Live: the K best extensions that do not end in EOS.
+        # Live: the W best extensions that do not end in EOS.
         live_logp, (live_seqs, live_parent, last) = _top_k(
             jnp.where(is_eos | ~exists, NEG_INF, top_logp), (top_seqs, parent, token), k
         )

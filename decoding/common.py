@@ -1,14 +1,14 @@
 """Pieces shared by the search functions: the cache contract, length limits, forbidden tokens.
 
 Every search drives a ``tokens_to_logits(ids [R, 1] int32, cache) -> (logits [R, V], cache)``
-function, R = B sentences x n beams (n = 1 for greedy search and sampling; row ``b * n + j`` is
+function, R = B sentences x W beams (W = 1 for greedy search and sampling; row ``b * W + j`` is
 beam j of sentence b). The cache is any pytree whose leaves are one of:
 
-* an array with ndim >= 1: one row per decoder row; a beam search repeats it n times
+* an array with ndim >= 1: one row per decoder row; a beam search repeats it W times
   (``tile``) and reorders its rows to follow the surviving beams after every step;
 * a 0-d array (a step index): shared by all rows;
 * ``PerSentence(array)``: one row per sentence, shared by its beams, never copied or
-  reordered (the encoder memory's keys and values: ``tokens_to_logits`` reads n from the
+  reordered (the encoder memory's keys and values: ``tokens_to_logits`` reads W from the
   ratio of rows). Reordering is a gather of every per-row byte at every step, so what need
   not follow the beams should not be per row.
 """

@@ -11,7 +11,9 @@ Shape legend, used in einsums, docstrings and logical axis names across the proj
     K  head dim, D / H (``kv``)
     F  feed-forward    (``mlp``)
     V  vocabulary      (``vocab``)
-    R  decoder rows when decoding: B sentences x beams (``batch``)
+    W  beams per sentence (beam width)
+    R  decoder rows when decoding: B sentences x W beams (``batch``)
+    C  classes of a classification head
 
 Masks are boolean ``[B, 1, T, S]`` (True = may attend), broadcast over heads. Decoding caches
 keep keys and values head-major, ``[B, H, L, K]``, the layout the per-step einsums read without
@@ -181,13 +183,13 @@ class MultiHeadAttention(nn.Module):
         """Attends from new decoder positions to cached keys and values (no dropout).
 
         The rows of ``x`` may be a multiple of the cache's: with a per-sentence cache (the
-        encoder memory's keys and values) and ``R = B * n`` rows (n beams per sentence), rows
-        ``b * n .. b * n + n - 1`` all read sentence b, as n extra query positions, so the
+        encoder memory's keys and values) and ``R = B * W`` rows (W beams per sentence), rows
+        ``b * W .. b * W + W - 1`` all read sentence b, as W extra query positions, so the
         memory is never copied per beam.
 
         Args:
           x: ``[R, T, D]`` query-side inputs.
-          k, v: ``[B, H, S, K]`` head-major keys and values (``project_kv_cache``), R = B * n.
+          k, v: ``[B, H, S, K]`` head-major keys and values (``project_kv_cache``), R = B * W.
           mask: ``[B or 1, 1, T, S]`` bool, shared by a sentence's n rows.
 
         Returns:

@@ -133,7 +133,7 @@ class DecoderLayer(_Sublayers):
         """The layer on new positions during decoding, reading and extending its cache.
 
         Args:
-          y: ``[R, T, D]`` decoder stream of the new positions (R = B * n rows, n beams).
+          y: ``[R, T, D]`` decoder stream of the new positions (R = B * W rows, W beams).
           self_mask: ``[1, 1, T, L]``: which cache positions each new position sees.
           cross_mask: ``[B, 1, 1, S]``: the source's padding, per sentence (None without
             cross-attention).

@@ -151,8 +151,8 @@ class Transformer(nn.Module):
         Returns:
           ``{'index': int32 [], 'src_valid': bool [B, S], 'layers': ({'self': {'k', 'v':
           [B, H, L, K]}, filled step by step; 'cross': {'k', 'v': [B, H, S, K]}}, ...)}``.
-          A search with n beams may repeat the rows of the ``'self'`` entries (R = B * n rows,
-          rows ``b * n ..`` for sentence b) and keep the rest per sentence: ``decode_step``
+          A search with W beams may repeat the rows of the ``'self'`` entries (R = B * W rows,
+          rows ``b * W ..`` for sentence b) and keep the rest per sentence: ``decode_step``
           reads the number of beams from the ratio.
         """
         cfg = self.config
@@ -166,7 +166,7 @@ class Transformer(nn.Module):
 
         Positions ``index .. index + t - 1`` must fit in the cache (``init_cache``'s length);
         decoding is deterministic (no dropout). R is the cache's self-attention rows: B, or
-        B * n with n beams per sentence (see ``init_cache``).
+        B * W with W beams per sentence (see ``init_cache``).
 
         Returns:
           ``(logits [R, t, V]`` float32, the cache advanced by t positions).

@@ -12,7 +12,10 @@ from model import TransformerConfig
         ({"d_model": -8}, "d_model must be a positive int, got -8"),
         ({"num_heads": 0}, "num_heads must be a positive int, got 0"),
         ({"d_ff": 0}, "d_ff must be a positive int, got 0"),
-        ({"num_encoder_layers": 0}, "num_encoder_layers must be a positive int for architecture='encoder_decoder', got 0"),
+        (
+            {"num_encoder_layers": 0},
+            "num_encoder_layers must be a positive int for architecture='encoder_decoder', got 0",
+        ),
         ({"num_decoder_layers": -1}, "num_decoder_layers must be a positive int, got -1"),
         ({"max_len": 0}, "max_len must be a positive int, got 0"),
         ({"d_model": 2.5}, "d_model must be a positive int, got 2.5"),
