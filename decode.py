@@ -18,78 +18,20 @@ log-probabilities divided by the GNMT length penalty ((5 + length) / 6) ** alpha
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
-import jax
 from absl import app, flags
-from flax import linen as nn
 
-from data import DataError, Tokenizer
-from data.tokenizer import workdir_tokenizer, workdir_tokenizer_files
+from data import DataError
 from decoding.scoring import score
 from decoding.translate import SearchConfig, Translator
-from model import Transformer, TransformerConfig, make_mesh
+from interop.workdir import load
+from model import make_mesh
 from model.compilation import enable_compilation_cache
-from model.sharding import logical_to_sharding
-from training import checkpoints
 
 log = logging.getLogger("decode")
-
-
-def read_model_config(workdir: Path) -> tuple[TransformerConfig, Tokenizer]:
-    """A workdir's model config and tokenizer, checked against each other.
-
-    Raises:
-      FileNotFoundError: the workdir, its ``model_config.json`` or ``tokenizer.model`` is missing.
-      ValueError: the tokenizer's size is not the model's vocabulary size.
-    """
-    if not workdir.is_dir():
-        raise FileNotFoundError(f"workdir {workdir} does not exist")
-    config_path = workdir / "model_config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"missing model config: {config_path} (was the workdir trained?)")
-    if not workdir_tokenizer_files(workdir):
-        raise FileNotFoundError(
-            f"missing tokenizer: {workdir / 'tokenizer.model'} (was the workdir trained?)"
-        )
-    config = TransformerConfig.from_dict(json.loads(config_path.read_text()))
-    tokenizer = workdir_tokenizer(workdir)
-    if tokenizer.vocab_size != config.vocab_size:
-        raise ValueError(
-            f"{workdir}'s tokenizer has {tokenizer.vocab_size} tokens but {config_path} says "
-            f"vocab_size={config.vocab_size}: tokenizer and model do not match"
-        )
-    return config, tokenizer
-
-
-def load(workdir: str | Path, which: str | int = "latest", mesh=None):
-    """Model, parameters and tokenizer of a workdir; errors name what is missing.
-
-    Returns:
-      ``(model, params, tokenizer)``, the parameters placed on ``mesh`` (default: all devices,
-      data-parallel).
-    """
-    workdir = Path(workdir)
-    model_cfg, tokenizer = read_model_config(workdir)
-    model = Transformer(model_cfg)
-    mesh = mesh or make_mesh()
-    ids = jax.numpy.ones((1, 8), jax.numpy.int32)
-    boxed = jax.eval_shape(model.init, jax.random.key(0), ids, ids)["params"]
-    shardings = logical_to_sharding(boxed, mesh)
-    # Restored straight into this mesh's shardings, so a checkpoint written on another number
-    # of devices (trained on 8 GPUs, translated on 1) loads as well.
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        nn.unbox(boxed),
-        shardings,
-    )
-    params, meta = checkpoints.load_params(workdir, which, abstract)
-    log.info("loaded %s checkpoint of step %s from %s", which, meta.get("step"), workdir)
-    return model, params, tokenizer
 
 
 def read_chunks(path: str, chunk_lines: int) -> Iterator[list[str]]:

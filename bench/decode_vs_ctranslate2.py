@@ -138,10 +138,9 @@ def measure(args) -> dict:
 def _measure(args, tmp: Path) -> dict:
     import ctranslate2
 
-    import decode
     from decoding.translate import SearchConfig, Translator
     from interop.ctranslate2 import export, translate
-    from interop.workdir import read_workdir
+    from interop.workdir import load, read_workdir
     from model import make_mesh
 
     sources = read_lines(args.input)
@@ -163,7 +162,7 @@ def _measure(args, tmp: Path) -> dict:
             res[engine]["whole_outputs"] = read_lines(out)
 
     mesh = make_mesh()
-    model, params, _ = decode.load(args.workdir, args.checkpoint, mesh)
+    model, params, _ = load(args.workdir, args.checkpoint, mesh)
     method = "greedy" if args.beam_size == 1 else "beam"
     search = SearchConfig(method=method, beam_size=args.beam_size, alpha=args.alpha)
     project = Translator(model, tokenizer, search, mesh=mesh, tokens_per_batch=args.batch_tokens)

@@ -2,7 +2,8 @@
 
 * ``interop.common``: ``TransformerBundle`` (config + NumPy params + tokenizer), the error type,
   atomic output directories.
-* ``interop.workdir``: reads a ``train.py`` workdir at one checkpoint.
+* ``interop.workdir``: reads and writes a ``train.py`` workdir (its config files, tokenizer
+  and checkpoints; ``build_model``, ``load``), for train.py, decode.py and convert.py.
 * ``interop.ctranslate2``: writes a CTranslate2 model directory; translates with it as
   ``decode.py`` does (needs ``pip install -e ".[ctranslate2]"``).
 * ``interop.registry``: the ``KIND:PATH`` input and output kinds and ``convert``.

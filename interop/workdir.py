@@ -1,32 +1,179 @@
-"""Reads a training workdir (model config, tokenizer, one checkpoint) into a TransformerBundle,
-and writes a bundle (an imported model) as a workdir.
+"""The one module that reads and writes a training workdir.
 
-The pieces are the project's own (``TransformerConfig.from_dict``, ``Tokenizer.load``,
-``training.checkpoints.load_params``), with ``decode.load``'s checks and messages. Unlike
-``decode.load``, the parameters are restored onto one host device whatever the mesh they were
-saved from, so a workdir trained on 8 accelerators converts on a laptop.
+A workdir holds ``config.json`` (the resolved training config), ``model_config.json`` (the
+``TransformerConfig``), the tokenizer (``tokenizer.model``, or an imported Marian tokenizer's
+files) and checkpoints (``checkpoints/``, maybe ``best/``, ``averaged/``, ``imported/``).
+``train.py`` writes one (``write_configs``, ``copy_tokenizer``, ``check_model_config``, via
+``training.setup``); ``decode.py``, ``plots.py`` and the benchmarks read one (``load``); and
+``convert.py`` reads and writes one as a ``TransformerBundle`` (``read_workdir``,
+``write_workdir``). Every workdir model is built by ``build_model``.
+
+``read_workdir`` restores the parameters onto one host device whatever the mesh they were
+saved from, so a workdir trained on 8 accelerators converts on a laptop; ``load`` restores them
+onto a mesh, for translating.
 """
 
 from __future__ import annotations
 
+import filecmp
 import json
 import logging
+import shutil
 from pathlib import Path
 
+import jax
+import ml_collections
 import numpy as np
+from flax import linen as nn
 
-from data import DataError
+from data import DataError, Tokenizer
+from data.tokenizer import workdir_tokenizer, workdir_tokenizer_files
 from interop.common import ConversionError, TransformerBundle, check_new_output, staged_directory
+from model import Transformer, TransformerConfig, make_mesh
+from model.sharding import logical_to_sharding
 from training import checkpoints
 
 log = logging.getLogger("interop")
 
+CONFIG = "config.json"
+MODEL_CONFIG = "model_config.json"
+
+# The tokenizer of a workdir: read and listed by data.tokenizer, re-exported so that callers
+# find every workdir file here.
+__all__ = [
+    "build_model", "check_model_config", "config_dict", "copy_tokenizer", "load",
+    "model_config_diff", "read_model_config", "read_workdir", "workdir_tokenizer",
+    "workdir_tokenizer_files", "write_configs", "write_model_config", "write_workdir",
+]  # fmt: skip
+
+
+def build_model(cfg: TransformerConfig) -> Transformer:
+    """The model a workdir's ``model_config.json`` describes (every workdir model is built here)."""
+    return Transformer(cfg)
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict:
+    """The configuration as plain JSON values (saved in every checkpoint's meta)."""
+    return json.loads(config.to_json_best_effort())
+
+
+def write_model_config(directory: Path, model_cfg: TransformerConfig) -> None:
+    """Writes ``directory/model_config.json``."""
+    (directory / MODEL_CONFIG).write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
+
+
+def write_configs(
+    workdir: Path, config: ml_collections.ConfigDict, model_cfg: TransformerConfig
+) -> None:
+    """Saves the resolved configs (process 0)."""
+    if jax.process_index() == 0:
+        (workdir / CONFIG).write_text(config.to_json_best_effort(indent=2) + "\n")
+        write_model_config(workdir, model_cfg)
+
+
+def model_config_diff(path: Path, model_cfg: TransformerConfig) -> dict:
+    """``{field: (saved, new)}`` for each field on which the saved config at ``path`` and
+    ``model_cfg`` differ (None where one lacks it); empty when they describe the same model."""
+    saved, new = json.loads(path.read_text()), model_cfg.to_dict()
+    diff = {k: (saved.get(k), v) for k, v in new.items() if saved.get(k) != v}
+    return diff | {k: (saved[k], None) for k in saved.keys() - new.keys()}
+
+
+def check_model_config(workdir: Path, model_cfg: TransformerConfig) -> None:
+    """Refuses to resume a workdir whose ``model_config.json`` describes another model."""
+    path = workdir / MODEL_CONFIG
+    if not path.exists():
+        return
+    diff = model_config_diff(path, model_cfg)
+    if diff:
+        raise ValueError(
+            f"{path} describes a different model than this config (field: (saved, new)): "
+            f"{diff}; use a new --workdir or the original config"
+        )
+
+
+def copy_tokenizer(source: Path, workdir: Path) -> None:
+    """Puts the source workdir's tokenizer files (``tokenizer.model``, or an imported Marian
+    tokenizer's) in the new workdir, refusing different ones already there."""
+    files = workdir_tokenizer_files(source)
+    if not files:
+        raise FileNotFoundError(
+            f"config.init_from: missing tokenizer: {source / 'tokenizer.model'}"
+        )
+    for src in files:
+        dst = workdir / src.name
+        if dst.exists() and not filecmp.cmp(src, dst, shallow=False):
+            raise ValueError(
+                f"{dst} differs from {src}: fine-tuning needs the tokenizer the "
+                "parameters were trained with; use a new --workdir"
+            )
+    if jax.process_index() == 0:
+        # The descriptor (or tokenizer.model) last, so a crash never leaves a loadable half.
+        for src in files:
+            dst = workdir / src.name
+            if not dst.exists():
+                tmp = dst.with_name(f".{dst.name}.tmp")
+                shutil.copyfile(src, tmp)
+                tmp.replace(dst)
+
+
+def read_model_config(workdir: Path) -> tuple[TransformerConfig, Tokenizer]:
+    """A workdir's model config and tokenizer, checked against each other.
+
+    Raises:
+      FileNotFoundError: the workdir, its ``model_config.json`` or ``tokenizer.model`` is missing.
+      ValueError: the tokenizer's size is not the model's vocabulary size.
+    """
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"workdir {workdir} does not exist")
+    config_path = workdir / MODEL_CONFIG
+    if not config_path.exists():
+        raise FileNotFoundError(f"missing model config: {config_path} (was the workdir trained?)")
+    if not workdir_tokenizer_files(workdir):
+        raise FileNotFoundError(
+            f"missing tokenizer: {workdir / 'tokenizer.model'} (was the workdir trained?)"
+        )
+    config = TransformerConfig.from_dict(json.loads(config_path.read_text()))
+    tokenizer = workdir_tokenizer(workdir)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(
+            f"{workdir}'s tokenizer has {tokenizer.vocab_size} tokens but {config_path} says "
+            f"vocab_size={config.vocab_size}: tokenizer and model do not match"
+        )
+    return config, tokenizer
+
+
+def load(workdir: str | Path, which: str | int = "latest", mesh=None):
+    """Model, parameters and tokenizer of a workdir; errors name what is missing.
+
+    Returns:
+      ``(model, params, tokenizer)``, the parameters placed on ``mesh`` (default: all devices,
+      data-parallel).
+    """
+    workdir = Path(workdir)
+    model_cfg, tokenizer = read_model_config(workdir)
+    model = build_model(model_cfg)
+    mesh = mesh or make_mesh()
+    ids = jax.numpy.ones((1, 8), jax.numpy.int32)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), ids, ids)["params"]
+    shardings = logical_to_sharding(boxed, mesh)
+    # Restored straight into this mesh's shardings, so a checkpoint written on another number
+    # of devices (trained on 8 GPUs, translated on 1) loads as well.
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.unbox(boxed),
+        shardings,
+    )
+    params, meta = checkpoints.load_params(workdir, which, abstract)
+    # Logged as decode.py's: this is the line its users have always seen.
+    logging.getLogger("decode").info(
+        "loaded %s checkpoint of step %s from %s", which, meta.get("step"), workdir
+    )
+    return model, params, tokenizer
+
 
 def _host_abstract_params(model):
     """ShapeDtypeStructs of the model's params, all on the first CPU (or default) device."""
-    import jax
-    from flax import linen as nn
-
     ids = jax.numpy.ones((1, 8), jax.numpy.int32)
     shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), ids, ids))["params"]
     try:
@@ -52,9 +199,6 @@ def read_workdir(workdir: str | Path, checkpoint: str | int | None = None) -> Tr
       ConversionError: the workdir, its config, tokenizer or the checkpoint is missing or they
         do not fit together (one-line message naming the path).
     """
-    from decode import read_model_config  # JAX: only when a workdir is read.
-    from model import Transformer
-
     workdir, which = Path(workdir), "latest" if checkpoint is None else str(checkpoint)
     tokenizer_path = workdir / "tokenizer.model"  # None for an imported (Marian) tokenizer
     tokenizer_path = tokenizer_path if tokenizer_path.exists() else None
@@ -65,7 +209,7 @@ def read_workdir(workdir: str | Path, checkpoint: str | int | None = None) -> Tr
         raise ConversionError(f"cannot read workdir {workdir}: {err}") from None
     try:
         params, _ = checkpoints.load_params(
-            workdir, which, _host_abstract_params(Transformer(config))
+            workdir, which, _host_abstract_params(build_model(config))
         )
     except Exception as err:  # Orbax's errors for unreadable or mismatched checkpoints vary.
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
@@ -82,14 +226,9 @@ def read_workdir(workdir: str | Path, checkpoint: str | int | None = None) -> Tr
 
 
 def _check_params(bundle: TransformerBundle) -> None:
-    """Refuses parameters that are not the tree ``Transformer(bundle.config)`` has."""
-    import jax
-    from flax import linen as nn
-
-    from model import Transformer
-
+    """Refuses parameters that are not the tree ``build_model(bundle.config)`` has."""
     ids = jax.numpy.ones((1, 8), jax.numpy.int32)
-    model = Transformer(bundle.config)
+    model = build_model(bundle.config)
     expected = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), ids, ids))["params"]
     want = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree.leaves_with_path(expected)}
     have = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree.leaves_with_path(bundle.params)}
@@ -116,16 +255,11 @@ def write_workdir(bundle: TransformerBundle, output: str | Path, *, force: bool 
     Raises:
       ConversionError: ``output`` exists (without ``force``) or the parameters do not fit.
     """
-    import shutil
-
-    import jax
-
     from data.marian_tokenizer import MarianTokenizer
 
     _check_params(bundle)
     with staged_directory(output, force) as stage:
-        config = json.dumps(bundle.config.to_dict(), indent=2) + "\n"
-        (stage / "model_config.json").write_text(config)
+        write_model_config(stage, bundle.config)
         if isinstance(bundle.tokenizer, MarianTokenizer):
             bundle.tokenizer.save(stage)
         elif bundle.tokenizer_path is not None:

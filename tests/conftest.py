@@ -73,7 +73,7 @@ def tiny_workdir(tiny_corpus, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_workdir):
-    """``decode.load(tiny_workdir)``: (model, params, tokenizer)."""
-    import decode
+    """``interop.workdir.load(tiny_workdir)``: (model, params, tokenizer)."""
+    from interop.workdir import load
 
-    return decode.load(tiny_workdir)
+    return load(tiny_workdir)

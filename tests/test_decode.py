@@ -9,6 +9,7 @@ import pytest
 import decode
 from data import DataError, train_tokenizer
 from decoding.translate import SearchConfig, Translator
+from interop.workdir import load
 from tests.conftest import REPO
 
 
@@ -64,13 +65,13 @@ def test_missing_pieces_of_the_workdir_are_named(tiny_workdir, tmp_path):
     shutil.copytree(tiny_workdir, broken)
     (broken / "tokenizer.model").unlink()
     with pytest.raises(FileNotFoundError, match=f"missing tokenizer: {broken}/tokenizer.model"):
-        decode.load(broken)
+        load(broken)
     shutil.rmtree(broken)
     shutil.copytree(tiny_workdir, broken, ignore=shutil.ignore_patterns("checkpoints", "best"))
     with pytest.raises(FileNotFoundError, match=f"no checkpoints checkpoint in {broken}"):
-        decode.load(broken)
+        load(broken)
     with pytest.raises(FileNotFoundError, match="no checkpoint for step 999"):
-        decode.load(tiny_workdir, "999")
+        load(tiny_workdir, "999")
 
 
 def test_tokenizer_of_another_size_is_refused(tiny_workdir, tmp_path):
@@ -79,7 +80,7 @@ def test_tokenizer_of_another_size_is_refused(tiny_workdir, tmp_path):
     pairs = [(f"word{i} and more", f"palabra{i} y mas") for i in range(300)]
     train_tokenizer(pairs, other / "tokenizer.model", vocab_size=300)
     with pytest.raises(ValueError, match="has 300 tokens but .* says vocab_size=500"):
-        decode.load(other)
+        load(other)
 
 
 def test_invalid_utf8_input_names_file_and_line(tmp_path):

@@ -107,7 +107,7 @@ def test_sampling_keys_differ_across_chunks(tiny_loaded):
 
 
 def test_a_checkpoint_loads_on_another_number_of_devices(tiny_workdir, tiny_loaded):
-    import decode
+    from interop.workdir import load
     from model import make_mesh
 
     model, params, tokenizer = tiny_loaded  # trained and loaded on all 8 simulated devices
@@ -115,7 +115,7 @@ def test_a_checkpoint_loads_on_another_number_of_devices(tiny_workdir, tiny_load
     expected = Translator(model, tokenizer, greedy).translate(params, LINES[:3])
     one, two = jax.devices()[:1], jax.devices()[:2]
     for mesh in (make_mesh(devices=one), make_mesh(fsdp=2, devices=two)):
-        _, moved, _ = decode.load(tiny_workdir, mesh=mesh)
+        _, moved, _ = load(tiny_workdir, mesh=mesh)
         leaf = jax.tree.leaves(moved)[0]
         assert len(leaf.sharding.device_set) <= mesh.size
         for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(params), strict=True):

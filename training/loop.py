@@ -20,8 +20,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from interop.workdir import config_dict
 from model import use_mesh
-from training import budget, checkpoints, hardware, resume
+from training import budget, checkpoints, hardware
 from training.loop_tools import StopSignal, Window
 from training.setup import Run, setup
 from training.step import train_batch_sharding
@@ -126,7 +127,7 @@ def _loop(run: Run, stop: StopSignal) -> dict:
                         "best_bleu": run.best_bleu,
                         "seed": config.seed,
                         "batch": run.batch,
-                        "config": resume.config_dict(config),
+                        "config": config_dict(config),
                         # The steps train_minutes chose: a resumed run keeps them.
                         **({"plan": run.plan.to_dict()} if run.plan.train_minutes else {}),
                     },

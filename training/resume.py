@@ -13,48 +13,19 @@ leaves the workdir's checkpoints and configuration files as they were.
 
 from __future__ import annotations
 
-import filecmp
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import jax
 import ml_collections
 
-from data.tokenizer import workdir_tokenizer_files
+from interop.workdir import config_dict, model_config_diff
 from model import TransformerConfig
 from training import checkpoints
 from training.state import TrainState, init_state
 
 log = logging.getLogger("train")
-
-
-def config_dict(config: ml_collections.ConfigDict) -> dict:
-    """The configuration as plain JSON values (saved in every checkpoint's meta)."""
-    return json.loads(config.to_json_best_effort())
-
-
-def check_model_config(workdir: Path, model_cfg: TransformerConfig) -> None:
-    """Refuses to resume a workdir whose ``model_config.json`` describes another model."""
-    path = workdir / "model_config.json"
-    if not path.exists():
-        return
-    diff = _model_diff(path, model_cfg)
-    if diff:
-        raise ValueError(
-            f"{path} describes a different model than this config (field: (saved, new)): "
-            f"{diff}; use a new --workdir or the original config"
-        )
-
-
-def write_configs(
-    workdir: Path, config: ml_collections.ConfigDict, model_cfg: TransformerConfig
-) -> None:
-    """Saves the resolved configs (process 0)."""
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-        (workdir / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
 
 
 def parse_init_from(init_from: str, workdir: Path) -> tuple[Path, str | int]:
@@ -92,39 +63,6 @@ def has_checkpoints(workdir: Path) -> bool:
     return directory.is_dir() and bool(checkpoints.ocp.utils.checkpoint_steps(directory))
 
 
-def copy_tokenizer(source: Path, workdir: Path) -> None:
-    """Puts the source workdir's tokenizer files (``tokenizer.model``, or an imported Marian
-    tokenizer's) in the new workdir, refusing different ones already there."""
-    files = workdir_tokenizer_files(source)
-    if not files:
-        raise FileNotFoundError(
-            f"config.init_from: missing tokenizer: {source / 'tokenizer.model'}"
-        )
-    for src in files:
-        dst = workdir / src.name
-        if dst.exists() and not filecmp.cmp(src, dst, shallow=False):
-            raise ValueError(
-                f"{dst} differs from {src}: fine-tuning needs the tokenizer the "
-                "parameters were trained with; use a new --workdir"
-            )
-    if jax.process_index() == 0:
-        # The descriptor (or tokenizer.model) last, so a crash never leaves a loadable half.
-        for src in files:
-            dst = workdir / src.name
-            if not dst.exists():
-                tmp = dst.with_name(f".{dst.name}.tmp")
-                shutil.copyfile(src, tmp)
-                tmp.replace(dst)
-
-
-def _model_diff(path: Path, model_cfg: TransformerConfig) -> dict:
-    """``{field: (saved, new)}`` for each field on which the saved config at ``path`` and
-    ``model_cfg`` differ (None where one lacks it); empty when they describe the same model."""
-    saved, new = json.loads(path.read_text()), model_cfg.to_dict()
-    diff = {k: (saved.get(k), v) for k, v in new.items() if saved.get(k) != v}
-    return diff | {k: (saved[k], None) for k in saved.keys() - new.keys()}
-
-
 # Fields fine-tuning may change: they do not change the parameters.
 _TRAINING_ONLY = ("dropout_rate", "attention_dropout_rate", "dtype")
 
@@ -154,7 +92,7 @@ def _check_same_model(source: Path, model_cfg: TransformerConfig) -> None:
     path = source / "model_config.json"
     if not path.exists():
         raise FileNotFoundError(f"config.init_from: missing {path}")
-    diff = {k: v for k, v in _model_diff(path, model_cfg).items() if k not in _TRAINING_ONLY}
+    diff = {k: v for k, v in model_config_diff(path, model_cfg).items() if k not in _TRAINING_ONLY}
     if diff:
         raise ValueError(
             f"config.init_from: {path} describes another model than this config (field: "

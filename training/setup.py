@@ -20,8 +20,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import data
-from data.tokenizer import workdir_tokenizer, workdir_tokenizer_files
-from model import Transformer, make_mesh
+from interop import workdir as workdirs
+from model import make_mesh
 from training import budget, checkpoints, evaluation, resume
 from training.metrics import MetricsWriter, Stopwatch
 from training.state import OptimizerConfig, make_optimizer, model_config, state_shardings
@@ -62,15 +62,15 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> Run:
         source, _ = resume.parse_init_from(config.init_from, workdir)  # refuses a bad value
         if not resume.has_checkpoints(workdir):
             # Fine-tuning: parameters only make sense with the tokenizer they were trained with.
-            resume.copy_tokenizer(source, workdir)
+            workdirs.copy_tokenizer(source, workdir)
     # One process trains it; the others load the same file.
-    if jax.process_index() == 0 and not workdir_tokenizer_files(workdir):
+    if jax.process_index() == 0 and not workdirs.workdir_tokenizer_files(workdir):
         data.train_tokenizer(
             train_pairs, workdir / "tokenizer.model", vocab_size=config.vocab_size, seed=config.seed
         )
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("tokenizer written")
-    tokenizer = workdir_tokenizer(workdir)
+    tokenizer = workdirs.workdir_tokenizer(workdir)
     if config.model.preset == "init_from":
         model_cfg = resume.source_model_config(config, source)
     else:
@@ -79,8 +79,8 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> Run:
         raise ValueError(
             f"config.max_len={config.max_len} exceeds the model's max_len={model_cfg.max_len}"
         )
-    resume.check_model_config(workdir, model_cfg)
-    model = Transformer(model_cfg)
+    workdirs.check_model_config(workdir, model_cfg)
+    model = workdirs.build_model(model_cfg)
 
     mesh = make_mesh(**config.mesh)
     rows, batch = _batch_layout(config, train_pairs, tokenizer, mesh)
@@ -108,7 +108,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> Run:
         iterator.set_state(data_state)
     plan, measure = budget.start_plan(config, meta)
     log.info("model: %s parameters", f"{_count(state.params):,}")
-    resume.write_configs(workdir, config, model_cfg)
+    workdirs.write_configs(workdir, config, model_cfg)
     # A run stopped right after a new best checkpoint has not yet recorded its BLEU elsewhere.
     best_bleu = max(meta.get("best_bleu", -1.0), checkpoints.best_score(best_mngr) or -1.0)
 
