@@ -1,4 +1,5 @@
-"""Translates a file with a trained workdir: one output line per input line, in order.
+"""Translates a file with a trained workdir (or, with a decoder-only LM's workdir, continues each
+line): one output line per input line, in order.
 
     python decode.py --workdir=DIR --input=FILE|- --output=FILE|- \
         [--checkpoint=latest|best|averaged|STEP] [--beam_size=4 --alpha=0.6 --n_best=1] \
@@ -14,6 +15,11 @@ Output format: one line per input line. With ``--n_best=N > 1`` the line holds t
 hypotheses, best first, separated by tabs. With ``--scores`` each hypothesis is preceded by its
 score and a tab (``SCORE<TAB>HYP[<TAB>SCORE<TAB>HYP...]``); beam-search scores are
 log-probabilities divided by the GNMT length penalty ((5 + length) / 6) ** alpha.
+
+A decoder-only language model's workdir (``configs/lm_*.py``) continues each line instead, with
+the same search flags, up to ``--max_new_tokens`` new tokens (EOS included); each output line
+is the continuation alone. An encoder-only (masked LM) workdir has nothing to generate and is
+refused.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from collections.abc import Iterator
 from absl import app, flags
 
 from data import DataError
+from decoding.continuation import Continuer
 from decoding.scoring import score
 from decoding.translate import SearchConfig, Translator
 from interop.workdir import load
@@ -84,13 +91,32 @@ def main(argv):
         search = SearchConfig(
             method=f.method, beam_size=f.beam_size, alpha=f.alpha, n_best=f.n_best,
             temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, seed=f.seed,
+            **({} if f.max_new_tokens is None else {"extra_len": f.max_new_tokens}),
         )  # fmt: skip
         mesh = make_mesh()
         model, params, tokenizer = load(f.workdir, f.checkpoint, mesh)
+        kind = model.config.architecture
+        if kind == "encoder_only":
+            raise ValueError(
+                f"{f.workdir} holds an encoder-only (masked LM) model: there is nothing to "
+                "generate; decode.py translates (encoder-decoder) or continues prompts "
+                "(decoder-only)"
+            )
+        if kind == "decoder_only":
+            if f.attention_plot or f.reference:
+                raise app.UsageError("--attention_plot and --reference are for translation")
+            continuer = Continuer(
+                model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens
+            )
+            translate_file(continuer.continue_lines, params, f.input, f.output, f.chunk_lines,
+                           f.scores)  # fmt: skip
+            return
         translator = Translator(
             model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens
         )
-        hypotheses = translate_file(translator, params, f.input, f.output, f.chunk_lines, f.scores)
+        hypotheses = translate_file(
+            translator.translate, params, f.input, f.output, f.chunk_lines, f.scores
+        )
         if f.attention_plot and hypotheses:
             import plots  # matplotlib is only needed for this flag
 
@@ -113,13 +139,14 @@ def main(argv):
         sys.exit(1)
 
 
-def translate_file(translator, params, src: str, dst: str, chunk_lines: int, scores: bool):
-    """Streams ``src`` through the translator into ``dst``; returns the best hypotheses."""
+def translate_file(generate, params, src: str, dst: str, chunk_lines: int, scores: bool):
+    """Streams ``src`` through ``generate`` (``Translator.translate`` or
+    ``Continuer.continue_lines``) into ``dst``; returns the best hypotheses."""
     out = sys.stdout if dst == "-" else open(dst, "w", encoding="utf-8")  # noqa: SIM115
     best, count = [], 0
     try:
         for chunk in read_chunks(src, chunk_lines):
-            results = translator.translate(params, chunk, first_line=count)
+            results = generate(params, chunk, first_line=count)
             for nbest in results:
                 out.write(format_line(nbest, scores) + "\n")
             out.flush()
@@ -153,6 +180,11 @@ def define_flags() -> None:
         "top_p", search.top_p, "Sample from the smallest set with this probability mass."
     )
     flags.DEFINE_integer("seed", search.seed, "Sampling seed.")
+    flags.DEFINE_integer(
+        "max_new_tokens", None, "Language models: the most new tokens per line, EOS included "
+        f"(default {search.extra_len}). Translation: the output may be this much longer than "
+        f"the source (default {search.extra_len}, the paper's).",
+    )  # fmt: skip
     flags.DEFINE_integer("batch_tokens", 4096, "Source tokens per batch (rows x padded width).")
     flags.DEFINE_integer("chunk_lines", 10_000, "Lines read, sorted and written at a time.")
     flags.DEFINE_bool("scores", False, "Write each hypothesis's score before it.")

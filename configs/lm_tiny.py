@@ -13,6 +13,7 @@ from configs.tiny import get_config as tiny_config
 def get_config():
     c = tiny_config()
     c.model.overrides.architecture = "decoder_only"
-    c.num_train_steps = 60
-    c.eval_every_steps = 30
+    c.lr_scale = 0.5  # configs/tiny.py's 2.0 stalls these at the unigram distribution
+    c.num_train_steps = 80
+    c.eval_every_steps = 40
     return c

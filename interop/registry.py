@@ -152,4 +152,10 @@ def convert(input: str, output: str, *, force: bool = False, **options: Any) -> 
     writer_options = {k: v for k, v in given.items() if k in writer.options}
     writer.check(out_path, force, **writer_options)
     bundle = reader.read(in_path, **{k: v for k, v in given.items() if k in reader.options})
+    kind = bundle.config.architecture
+    if out_kind != "workdir" and kind != "encoder_decoder":
+        raise ConversionError(
+            f"--output={out_kind}: takes translation (encoder-decoder) models; {in_path} holds a "
+            f"{kind} model"
+        )
     return writer.write(bundle, out_path, force, **writer_options)

@@ -26,10 +26,12 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
+import model as model_lib
 from data import DataError, Tokenizer
 from data.tokenizer import workdir_tokenizer, workdir_tokenizer_files
 from interop.common import ConversionError, TransformerBundle, check_new_output, staged_directory
-from model import Transformer, TransformerConfig, make_mesh
+from model import TransformerConfig, init_inputs, make_mesh
+from model.encoder_only import model_vocab_size
 from model.sharding import logical_to_sharding
 from training import checkpoints
 
@@ -47,9 +49,10 @@ __all__ = [
 ]  # fmt: skip
 
 
-def build_model(cfg: TransformerConfig) -> Transformer:
-    """The model a workdir's ``model_config.json`` describes (every workdir model is built here)."""
-    return Transformer(cfg)
+def build_model(cfg: TransformerConfig):
+    """The model a workdir's ``model_config.json`` describes (every workdir model is built here):
+    ``Transformer``, ``DecoderOnlyLM`` or ``EncoderOnly`` by ``cfg.architecture``."""
+    return model_lib.build_model(cfg)
 
 
 def config_dict(config: ml_collections.ConfigDict) -> dict:
@@ -74,7 +77,10 @@ def write_configs(
 def model_config_diff(path: Path, model_cfg: TransformerConfig) -> dict:
     """``{field: (saved, new)}`` for each field on which the saved config at ``path`` and
     ``model_cfg`` differ (None where one lacks it); empty when they describe the same model."""
-    saved, new = json.loads(path.read_text()), model_cfg.to_dict()
+    saved, new = (
+        TransformerConfig.normalised_dict(json.loads(path.read_text())),
+        model_cfg.to_dict(),
+    )
     diff = {k: (saved.get(k), v) for k, v in new.items() if saved.get(k) != v}
     return diff | {k: (saved[k], None) for k in saved.keys() - new.keys()}
 
@@ -135,7 +141,8 @@ def read_model_config(workdir: Path) -> tuple[TransformerConfig, Tokenizer]:
         )
     config = TransformerConfig.from_dict(json.loads(config_path.read_text()))
     tokenizer = workdir_tokenizer(workdir)
-    if tokenizer.vocab_size != config.vocab_size:
+    # An encoder-only model has one more row than its tokenizer: the mask id.
+    if model_vocab_size(config.architecture, tokenizer.vocab_size) != config.vocab_size:
         raise ValueError(
             f"{workdir}'s tokenizer has {tokenizer.vocab_size} tokens but {config_path} says "
             f"vocab_size={config.vocab_size}: tokenizer and model do not match"
@@ -154,8 +161,7 @@ def load(workdir: str | Path, which: str | int = "latest", mesh=None):
     model_cfg, tokenizer = read_model_config(workdir)
     model = build_model(model_cfg)
     mesh = mesh or make_mesh()
-    ids = jax.numpy.ones((1, 8), jax.numpy.int32)
-    boxed = jax.eval_shape(model.init, jax.random.key(0), ids, ids)["params"]
+    boxed = jax.eval_shape(model.init, jax.random.key(0), *init_inputs(model_cfg))["params"]
     shardings = logical_to_sharding(boxed, mesh)
     # Restored straight into this mesh's shardings, so a checkpoint written on another number
     # of devices (trained on 8 GPUs, translated on 1) loads as well.
@@ -174,8 +180,8 @@ def load(workdir: str | Path, which: str | int = "latest", mesh=None):
 
 def _host_abstract_params(model):
     """ShapeDtypeStructs of the model's params, all on the first CPU (or default) device."""
-    ids = jax.numpy.ones((1, 8), jax.numpy.int32)
-    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), ids, ids))["params"]
+    inputs = init_inputs(model.config)
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *inputs))["params"]
     try:
         device = jax.devices("cpu")[0]
     except RuntimeError:
@@ -227,9 +233,9 @@ def read_workdir(workdir: str | Path, checkpoint: str | int | None = None) -> Tr
 
 def _check_params(bundle: TransformerBundle) -> None:
     """Refuses parameters that are not the tree ``build_model(bundle.config)`` has."""
-    ids = jax.numpy.ones((1, 8), jax.numpy.int32)
     model = build_model(bundle.config)
-    expected = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), ids, ids))["params"]
+    inputs = init_inputs(bundle.config)
+    expected = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *inputs))["params"]
     want = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree.leaves_with_path(expected)}
     have = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree.leaves_with_path(bundle.params)}
     if want != have:

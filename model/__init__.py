@@ -6,6 +6,8 @@
 whose ``architecture`` field names the assembly; ``build_model`` picks the class.
 """
 
+import jax.numpy as jnp
+
 from model.config import TransformerConfig
 from model.decoder_only import DecoderOnlyLM
 from model.encoder_only import EncoderOnly
@@ -24,6 +26,13 @@ def build_model(config: TransformerConfig):
     return MODEL_CLASSES[config.architecture](config)
 
 
+def init_inputs(config: TransformerConfig, length: int = 8) -> tuple:
+    """Example ``[1, length]`` int32 inputs for ``model.init``: a source and a target for the
+    encoder-decoder, one sequence for the family's halves."""
+    ids = jnp.ones((1, length), jnp.int32)
+    return (ids, ids) if config.architecture == "encoder_decoder" else (ids,)
+
+
 __all__ = [
     "LOGICAL_RULES",
     "MODEL_CLASSES",
@@ -33,6 +42,7 @@ __all__ = [
     "TransformerConfig",
     "attention_maps",
     "build_model",
+    "init_inputs",
     "make_mesh",
     "shift_right",
     "use_mesh",

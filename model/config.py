@@ -197,6 +197,16 @@ class TransformerConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def normalised_dict(cls, values: dict) -> dict:
+        """A saved config as today's ``to_dict`` would write it: fields added since it was
+        written take their defaults (an old workdir resumes and compares equal). Values that
+        do not make a valid config are returned as they are, for the caller to report."""
+        try:
+            return cls.from_dict(values).to_dict()
+        except (TypeError, ValueError):
+            return dict(values)
+
+    @classmethod
     def from_dict(cls, values: dict) -> TransformerConfig:
         """Inverse of ``to_dict``; unknown keys are an error naming them."""
         known = {f.name for f in dataclasses.fields(cls)}

@@ -6,7 +6,9 @@
 
 The encoder layers (bidirectional self-attention), then BERT's masked-LM head: a dense layer,
 the activation and a LayerNorm, projected with the embedding matrix (tied). With
-``config.num_classes > 0`` a linear classifier reads the first token's features. Shapes: B
+``config.num_classes > 0`` a linear classifier reads the first token's features. The mask id
+is the last embedding row, one past the tokenizer's vocabulary (``mask_id``): no tokenizer
+needs a mask piece, and no text encodes to it. Shapes: B
 batch, T length, D model, V vocabulary, C classes.
 """
 
@@ -21,6 +23,16 @@ from model.blocks import Encoder
 from model.config import TransformerConfig
 from model.embedding import Embed
 from model.layers import ACTIVATIONS, layer_norm, matmul
+
+
+def model_vocab_size(architecture: str, tokenizer_vocab_size: int) -> int:
+    """The model's V: the tokenizer's, plus the mask row for an encoder-only model."""
+    return tokenizer_vocab_size + (architecture == "encoder_only")
+
+
+def mask_id(model_vocab: int) -> int:
+    """The ``[MASK]`` id of an encoder-only model with ``model_vocab`` rows: the last one."""
+    return model_vocab - 1
 
 
 def _dense(module: nn.Module, name: str, shape: tuple[int, int], axes: tuple):

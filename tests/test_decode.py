@@ -22,7 +22,7 @@ def test_every_input_line_gets_one_output_line_in_order(tiny_loaded, tmp_path):
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
     greedy = Translator(model, tokenizer, SearchConfig(method="greedy"), tokens_per_batch=256)
     out = tmp_path / "out.txt"
-    best = decode.translate_file(greedy, params, str(src), str(out), 7, False)
+    best = decode.translate_file(greedy.translate, params, str(src), str(out), 7, False)
     written = out.read_text(encoding="utf-8").split("\n")
     assert written[-1] == "" and len(written) - 1 == len(lines) == len(best)
     assert written[1] == "" and written[4] == ""  # empty and blank lines stay empty

@@ -45,9 +45,9 @@ def _mlm(**overrides):
 def test_checkpoint_from_before_the_refactor_loads_with_the_same_logits():
     """A workdir trained by the code before the model package was split into blocks (2 steps,
     configs/tiny.py) loads into today's Transformer and gives the logits it gave then."""
-    import decode
+    from interop.workdir import load
 
-    model, params, _ = decode.load(FIXTURES / "legacy_workdir")
+    model, params, _ = load(FIXTURES / "legacy_workdir")
     assert isinstance(model, Transformer)
     src = jnp.array([[5, 17, 42, 99, 1, 0, 0], [7, 8, 9, 10, 11, 12, 1]], jnp.int32)
     tgt = jnp.array([[2, 30, 31, 32, 0], [2, 40, 41, 42, 43]], jnp.int32)

@@ -288,7 +288,8 @@ def restore_latest(
 
 
 def best_score(mngr: ocp.CheckpointManager) -> float | None:
-    """The dev BLEU of the newest ``best`` checkpoint, or None if there is none (or unreadable).
+    """The score of the newest ``best`` checkpoint (its dev BLEU, or minus the dev NLL of a
+    language model), or None if there is none (or unreadable).
 
     A run stopped right after saving a new best checkpoint has not yet recorded its BLEU in a
     regular checkpoint; this is where a resumed run learns it.
@@ -298,9 +299,10 @@ def best_score(mngr: ocp.CheckpointManager) -> float | None:
         return None
     where = f"{mngr.directory}/{max(steps)}"
     try:
-        return float(_meta(mngr, max(steps), where)["bleu"])
+        meta = _meta(mngr, max(steps), where)
+        return float(meta["score"] if "score" in meta else meta["bleu"])
     except (_Damaged, CheckpointReadError, KeyError, TypeError, ValueError) as err:
-        log.warning("cannot read the BLEU of best checkpoint %s (%s)", where, describe(err))
+        log.warning("cannot read the score of best checkpoint %s (%s)", where, describe(err))
         return None
 
 

@@ -77,7 +77,7 @@ class Evaluator:
             "dev_loss": loss / tokens,
             "dev_nll": nll / tokens,
             "dev_ppl": math.exp(nll / tokens),
-            "dev_accuracy": correct / tokens,
+            "dev_accuracy": float(correct / tokens),
         }
 
     def bleu(self, params) -> dict:

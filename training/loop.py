@@ -124,7 +124,8 @@ def _loop(run: Run, stop: StopSignal) -> dict:
                     run.iterator.get_state(),
                     {
                         "elapsed_s": run.clock(),
-                        "best_bleu": run.best_bleu,
+                        "best_score": run.best_score,
+                        "best_bleu": run.best_score,  # read by runs from before best_score
                         "seed": config.seed,
                         "batch": run.batch,
                         "config": config_dict(config),
@@ -178,7 +179,9 @@ def _loss_due(config, step: int, at_end: bool) -> bool:
     return bool(config.eval_every_steps) and (step % config.eval_every_steps == 0 or at_end)
 
 
-def _bleu_due(config, step: int, at_end: bool) -> bool:
+def _bleu_due(config, step: int, at_end: bool, translates: bool = True) -> bool:
+    if not translates:  # a language model of the family: nothing to translate
+        return False
     return bool(config.bleu_every_steps and step % config.bleu_every_steps == 0) or at_end
 
 
@@ -187,23 +190,33 @@ def _evaluation_due(config, step: int, at_end: bool) -> bool:
 
 
 def _evaluate(run: Run, step: int, at_end: bool) -> None:
-    """Dev loss and dev BLEU when due; keeps the parameters with the best BLEU."""
-    config = run.config
+    """Dev loss and dev BLEU when due; keeps the parameters with the best BLEU (for the family's
+    language models, which do not translate: with the lowest dev perplexity)."""
+    config, translates = run.config, run.evaluator.translates
     if _loss_due(config, step, at_end):
         row = {**run.evaluator.dev_loss(run.state.params), "elapsed_s": run.clock()}
         run.writer.write(step, row)
-        log.info("step %d: dev loss %.3f ppl %.2f", step, row["dev_loss"], row["dev_ppl"])
-    if _bleu_due(config, step, at_end):
+        log.info(
+            "step %d: dev loss %.3f ppl %.2f accuracy %.3f",
+            step, row["dev_loss"], row["dev_ppl"], row["dev_accuracy"],
+        )  # fmt: skip
+        if not translates:
+            _keep_best(run, step, -float(row["dev_nll"]), {"dev_ppl": float(row["dev_ppl"])})
+    if _bleu_due(config, step, at_end, translates):
         row = {**run.evaluator.bleu(run.state.params), "elapsed_s": run.clock()}
         run.writer.write(step, row)
-        if row["bleu"] > run.best_bleu:
-            run.best_bleu = row["bleu"]
-            if step in run.best_mngr.all_steps():  # saved before a restart; the same parameters
-                log.info("best checkpoint %d exists already; keeping it", step)
-            else:
-                checkpoints.save_params(
-                    run.best_mngr, step, run.state.params, {"bleu": row["bleu"]}
-                )
+        _keep_best(run, step, row["bleu"], {"bleu": row["bleu"]})
+
+
+def _keep_best(run: Run, step: int, value: float, meta: dict) -> None:
+    """Saves the parameters as ``best/`` when ``value`` (dev BLEU, or minus the dev NLL) beats
+    the best so far (higher wins)."""
+    if value > run.best_score:
+        run.best_score = value
+        if step in run.best_mngr.all_steps():  # saved before a restart; the same parameters
+            log.info("best checkpoint %d exists already; keeping it", step)
+        else:
+            checkpoints.save_params(run.best_mngr, step, run.state.params, {**meta, "score": value})
 
 
 def _check_finite(pending) -> None:

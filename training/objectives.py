@@ -16,20 +16,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from model.encoder_only import mask_id, model_vocab_size  # noqa: F401  (re-exported)
+
 MLM_RATE = 0.15
 # Of the chosen tokens: the share masked, and the share replaced by a random token (the rest
 # stay as they are), as in BERT.
 MLM_MASKED, MLM_RANDOM = 0.8, 0.1
-
-
-def model_vocab_size(architecture: str, tokenizer_vocab_size: int) -> int:
-    """The model's V: the tokenizer's, plus the mask row for an encoder-only model."""
-    return tokenizer_vocab_size + (architecture == "encoder_only")
-
-
-def mask_id(model_vocab: int) -> int:
-    """The ``[MASK]`` id of an encoder-only model with ``model_vocab`` rows: the last one."""
-    return model_vocab - 1
 
 
 def mlm_mask(

@@ -27,6 +27,9 @@ from training.metrics import MetricsWriter, Stopwatch
 from training.state import OptimizerConfig, make_optimizer, model_config, state_shardings
 from training.step import jit_train_step, make_eval_step, train_flops_per_step
 
+# Below any dev BLEU and any minus-NLL: the first evaluation always makes a best checkpoint.
+NO_SCORE = -1.0e30
+
 log = logging.getLogger("train")
 
 
@@ -45,7 +48,7 @@ class Run:
     writer: MetricsWriter
     clock: Stopwatch
     flops: float  # model FLOPs of one step
-    best_bleu: float
+    best_score: float  # the best checkpoint's dev BLEU, or minus its dev NLL (LMs)
     batch: dict  # the batch layout, saved with each checkpoint
     plan: budget.Plan  # the last step and the schedule numbers that depend on it
     measure: bool  # True: plan is provisional until the first steps are timed (train_minutes)
@@ -110,7 +113,8 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> Run:
     log.info("model: %s parameters", f"{_count(state.params):,}")
     workdirs.write_configs(workdir, config, model_cfg)
     # A run stopped right after a new best checkpoint has not yet recorded its BLEU elsewhere.
-    best_bleu = max(meta.get("best_bleu", -1.0), checkpoints.best_score(best_mngr) or -1.0)
+    saved = meta.get("best_score", meta.get("best_bleu", NO_SCORE))
+    best_score = max(saved, checkpoints.best_score(best_mngr) or NO_SCORE)
 
     train_step = jit_train_step(
         model, tx, schedule, mesh, shardings,
@@ -134,7 +138,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> Run:
         writer=MetricsWriter(workdir, plan.num_train_steps, int(state.step)),
         clock=Stopwatch(meta.get("elapsed_s", 0.0)),
         flops=train_flops_per_step(model_cfg, rows * config.grad_accum_steps, config.max_len),
-        best_bleu=best_bleu,
+        best_score=best_score,
         batch=batch,
         plan=plan,
         measure=measure,

@@ -14,7 +14,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from model import Transformer, TransformerConfig
+from model import Transformer, TransformerConfig, init_inputs
 from model.sharding import LOGICAL_RULES
 from training.hardware import resolve_dtype
 from training.objectives import model_vocab_size
@@ -203,9 +203,7 @@ def make_optimizer(opt: OptimizerConfig, d_model: int):
 
 
 def _init_fn(model: Transformer, tx: optax.GradientTransformation, boxed: bool):
-    ids = jnp.ones((1, 8), jnp.int32)
-    # The encoder-decoder takes a source and a target; the family's halves one sequence.
-    args = (ids, ids) if model.config.architecture == "encoder_decoder" else (ids,)
+    args = init_inputs(model.config)
 
     def init(rng):
         params = model.init(rng, *args)["params"]
