@@ -6,7 +6,7 @@ are built with matplotlib's object-oriented API and rendered by the Agg canvas, 
 display and never touch pyplot's global state; in Jupyter, ``display(fig)`` shows them inline.
 
     python plots.py curves --workdir=runs/default --out=curves.png
-    python plots.py positions --max_len=100 --d_model=512 --out=positions.png
+    python plots.py positions --num_positions=100 --d_model=512 --out=positions.png
     python plots.py schedule --d_model=512 --warmup=4000 --steps=20000 --out=schedule.png
 """
 
@@ -45,12 +45,12 @@ def _finish(fig: Figure, out: str | Path | None) -> Figure:
 
 
 def positional_encoding(
-    max_len: int, d_model: int, layout: str = "interleaved", out: str | Path | None = None
+    num_positions: int, d_model: int, layout: str = "interleaved", out: str | Path | None = None
 ) -> Figure:
     """Heatmap of the sinusoidal positional encodings, positions down, dimensions across.
 
     Args:
-      max_len: number of positions (rows).
+      num_positions: number of positions (rows).
       d_model: encoding width (columns).
       layout: "interleaved" (the paper: sin on even, cos on odd dimensions) or "concat".
       out: optional file to save the figure to.
@@ -58,13 +58,13 @@ def positional_encoding(
     Returns:
       A figure with the heatmap and its colour bar (two axes).
     """
-    pe = sinusoidal_positions(max_len, d_model, layout)
+    pe = sinusoidal_positions(num_positions, d_model, layout)
     fig = _new_figure(9, 5)
     ax = fig.add_subplot()
     image = ax.imshow(pe, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
     ax.set_xlabel("dimension")
     ax.set_ylabel("position")
-    ax.set_title(f"sinusoidal positional encoding ({layout}), {max_len} x {d_model}")
+    ax.set_title(f"sinusoidal positional encoding ({layout}), {num_positions} x {d_model}")
     fig.colorbar(image, ax=ax, label="value")
     return _finish(fig, out)
 
@@ -164,9 +164,9 @@ def attention_for_sentence(
 
         translator = Translator(model, tokenizer, SearchConfig(method="greedy"))
         target = translator.translate(params, [source])[0][0][0]
-    max_len = model.config.max_len
-    src_ids = tokenizer.encode(source)[: max_len - 1] + [tokenizer.eos_id]
-    tgt_ids = tokenizer.encode(target, side="target")[: max_len - 1] + [tokenizer.eos_id]
+    num_positions = model.config.max_positions
+    src_ids = tokenizer.encode(source)[: num_positions - 1] + [tokenizer.eos_id]
+    tgt_ids = tokenizer.encode(target, side="target")[: num_positions - 1] + [tokenizer.eos_id]
     src = np.asarray([src_ids], np.int32)
     labels = np.asarray([tgt_ids], np.int32)
     decoder_input = np.asarray(shift_right(labels, tokenizer.bos_id))
@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     curves = commands.add_parser("curves", help="loss, dev loss and BLEU of a training run")
     curves.add_argument("--workdir", required=True, help="training workdir (or metrics.jsonl)")
     positions = commands.add_parser("positions", help="the positional-encoding matrix")
-    positions.add_argument("--max_len", type=int, default=100)
+    positions.add_argument("--num_positions", type=int, default=100)
     positions.add_argument("--d_model", type=int, default=512)
     positions.add_argument("--layout", choices=["interleaved", "concat"], default="interleaved")
     schedule = commands.add_parser("schedule", help="the learning-rate schedule")
@@ -321,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         except FileNotFoundError as err:
             parser.exit(1, f"error: {err}\n")
     elif args.command == "positions":
-        positional_encoding(args.max_len, args.d_model, args.layout, args.out)
+        positional_encoding(args.num_positions, args.d_model, args.layout, args.out)
     else:
         learning_rate(args.d_model, args.warmup, args.steps, args.scale, args.out)
     print(f"wrote {args.out}")

@@ -33,7 +33,7 @@ VARIANTS = (  # (scan_layers, remat)
 def measure(preset: str, scan: bool, remat: str, *, vocab, rows, length, dtype) -> dict:
     """AOT-compiles the train step of one setting; returns seconds and bytes."""
     cfg = getattr(TransformerConfig, preset)(
-        vocab, max_len=max(length, 64), dtype=dtype, scan_layers=scan, remat=remat
+        vocab, max_positions=max(length, 64), dtype=dtype, scan_layers=scan, remat=remat
     )
     model = Transformer(cfg)
     tx, schedule = make_optimizer(paper_optimizer(), cfg.d_model)

@@ -64,11 +64,13 @@ def ct2_worker(args) -> None:
     from data.tokenizer import Tokenizer
     from interop.ctranslate2 import translate
 
-    max_len = json.loads((Path(args.workdir) / "model_config.json").read_text())["max_len"]
+    max_positions = json.loads((Path(args.workdir) / "model_config.json").read_text())[
+        "max_positions"
+    ]
     tokenizer = Tokenizer.load(Path(args.model) / "tokenizer.model")
     translator = ctranslate2.Translator(args.model, device="cpu", intra_threads=args.ct2_threads)
     outputs = translate(
-        translator, tokenizer, read_lines(args.input), max_len=max_len,
+        translator, tokenizer, read_lines(args.input), max_positions=max_positions,
         beam_size=args.beam_size, alpha=args.alpha, extra_len=args.extra_len,
         batch_tokens=args.batch_tokens,
     )  # fmt: skip
@@ -150,7 +152,7 @@ def _measure(args, tmp: Path) -> dict:
                          f"{len(sources)}; expected one reference per line")  # fmt: skip
     bundle = read_workdir(args.workdir, args.checkpoint)
     model_dir = export(bundle, tmp / "ct2")
-    tokenizer, max_len = bundle.tokenizer, bundle.config.max_len
+    tokenizer, max_positions = bundle.tokenizer, bundle.config.max_positions
     res = {e: {"whole_s": [], "rss": [], "pass_s": []} for e in ENGINES}
 
     commands = whole_run_commands(args, model_dir, tmp)
@@ -170,7 +172,7 @@ def _measure(args, tmp: Path) -> dict:
     run = {
         "decode.py": lambda: [nbest[0][0] for nbest in project.translate(params, sources)],
         "ctranslate2": lambda: translate(
-            ct2, tokenizer, sources, max_len=max_len, beam_size=args.beam_size,
+            ct2, tokenizer, sources, max_positions=max_positions, beam_size=args.beam_size,
             alpha=args.alpha, extra_len=args.extra_len, batch_tokens=args.batch_tokens,
         ),
     }  # fmt: skip

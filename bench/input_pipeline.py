@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    python -m bench.input_pipeline                   # max_len 128, 25k tokens per side per step
+    python -m bench.input_pipeline                   # row_length 128, 25k tokens per side per step
     python -m bench.input_pipeline --max-len 64 --compare-grain
 
 It prints the one-off costs (reading, tokenizer training, tokenizing) and then the steady-state
@@ -54,12 +54,14 @@ def measure(it, steps: int) -> tuple[float, float, int]:
     return tokens / (time.perf_counter() - start), float(np.mean(effs)), steps
 
 
-def grain_first_fit(examples, rows: int, max_len: int, seed: int) -> grain.IterDataset:
+def grain_first_fit(examples, rows: int, row_length: int, seed: int) -> grain.IterDataset:
     """The same batches shape made with grain's own first-fit packer, for comparison."""
     ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat()
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     ds = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct={"inputs": max_len, "targets": max_len}, num_packing_bins=max(rows, 512)
+        ds,
+        length_struct={"inputs": row_length, "targets": row_length},
+        num_packing_bins=max(rows, 512),
     )
 
     def rename(b):
@@ -93,27 +95,27 @@ def main() -> None:
     tok: Tokenizer = timed(
         "tokenizer (load or train)", load_or_train, tok_path, pairs, vocab_size=args.vocab_size
     )
-    rows = rows_per_step(args.tokens_per_step, args.max_len)
+    rows = rows_per_step(args.tokens_per_step, args.row_length)
     _, stats = timed(
-        "tokenize train (encode_pairs)", encode_pairs, pairs, tok, max_len=args.max_len
+        "tokenize train (encode_pairs)", encode_pairs, pairs, tok, row_length=args.row_length
     )
     ds = timed(
         "train_dataset (tokenize + setup)",
         train_dataset,
         pairs,
         tok,
-        max_len=args.max_len,
+        row_length=args.row_length,
         rows=rows,
     )
     plan = timed("plan one epoch (shuffle + pack)", ds.plan, 0)
     print(
-        f"\n{len(pairs)} pairs, {stats['filtered']} over max_len={args.max_len}; vocab "
-        f"{tok.vocab_size}; {rows} rows x {args.max_len} per step; {plan.num_batches} steps "
+        f"\n{len(pairs)} pairs, {stats['filtered']} over row_length={args.row_length}; vocab "
+        f"{tok.vocab_size}; {rows} rows x {args.row_length} per step; {plan.num_batches} steps "
         f"per epoch"
     )
     steps = max(1, int(args.epochs * plan.num_batches))
     rate, eff, n = measure(iter(ds), steps)
-    per_step = eff * rows * args.max_len * 2
+    per_step = eff * rows * args.row_length * 2
     print(f"packing efficiency (non-pad fraction) {eff:.3f}   (epoch plan: {plan.efficiency:.3f})")
     print(f"train batches: {rate:,.0f} tokens/s (source + target, non-pad) over {n} steps")
     print(f"  = {rate / per_step:,.1f} steps/s; one step holds {per_step:,.0f} tokens")
@@ -122,7 +124,7 @@ def main() -> None:
     dev = ParallelText(corpus / "dev.en", corpus / "dev.es")
     sources = [dev[i][0] for i in range(len(dev))]
     start = time.perf_counter()
-    batches = padded_batches(sources, tok, max_len=args.max_len, tokens_per_batch=4096)
+    batches = padded_batches(sources, tok, row_length=args.row_length, tokens_per_batch=4096)
     elapsed = time.perf_counter() - start
     real = sum(int(np.count_nonzero(b["inputs"])) for b in batches)
     slots = sum(b["inputs"].size for b in batches)
@@ -132,9 +134,9 @@ def main() -> None:
     )
 
     if args.compare_grain:
-        examples, _ = encode_pairs(pairs, tok, max_len=args.max_len)
+        examples, _ = encode_pairs(pairs, tok, row_length=args.row_length)
         g_steps = max(1, min(steps, 40))
-        rate, eff, n = measure(iter(grain_first_fit(examples, rows, args.max_len, 0)), g_steps)
+        rate, eff, n = measure(iter(grain_first_fit(examples, rows, args.row_length, 0)), g_steps)
         print(
             f"\ngrain FirstFitPackIterDataset: {rate:,.0f} tokens/s, efficiency {eff:.3f} "
             f"over {n} steps"

@@ -69,7 +69,7 @@ def main():
     measured = matmul_peak(jnp.bfloat16, n) / 1e3  # TFLOP/s
     sheet = datasheet_peak(devices[0])
     cfg = getattr(TransformerConfig, args.preset)(
-        args.vocab, max_len=max(args.length, 64), dtype=args.dtype
+        args.vocab, max_positions=max(args.length, 64), dtype=args.dtype
     )
     model = Transformer(cfg)
     tx, schedule = make_optimizer(paper_optimizer(), cfg.d_model)

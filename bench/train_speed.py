@@ -73,7 +73,7 @@ def flax_runner(dtype: str):
     """Compiles the train step once; returns ``run(steps) -> seconds per step``."""
     cfg = TransformerConfig(
         vocab_size=V, d_model=D, num_heads=H, d_ff=F, num_encoder_layers=LAYERS,
-        num_decoder_layers=LAYERS, dropout_rate=0.1, max_len=L, dtype=dtype,
+        num_decoder_layers=LAYERS, dropout_rate=0.1, max_positions=L, dtype=dtype,
     )  # fmt: skip
     model = Transformer(cfg)
     tx, schedule = make_optimizer(paper_optimizer(), D)
@@ -152,7 +152,7 @@ def main():
     print(f"matmul peak (2048^3, f32 accumulation): bf16 {peak:.0f} GFLOP/s, f32 {peak32:.0f}")
     cfg = TransformerConfig(
         vocab_size=V, d_model=D, num_heads=H, d_ff=F, num_encoder_layers=LAYERS,
-        num_decoder_layers=LAYERS, max_len=L,
+        num_decoder_layers=LAYERS, max_positions=L,
     )  # fmt: skip
     flops = train_flops_per_step(cfg, B, L)
     tokens = 2 * B * L

@@ -53,8 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)
     c.data.download = False
     c.vocab_size = 8000  # SentencePiece vocabulary shared by source and target
-    c.max_len = 128  # packed row length (source and target), EOS included
-    c.overlong = "filter"  # 'filter' | 'truncate' training pairs longer than max_len
+    c.row_length = 128  # packed row length (source and target), EOS included
+    c.overlong = "filter"  # 'filter' | 'truncate' training pairs longer than row_length
 
     # Batch: a token budget per side per optimizer step, over all devices and hosts.
     c.tokens_per_step = 25_000

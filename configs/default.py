@@ -14,7 +14,7 @@ def get_config():
     c.model.overrides.d_ff = 1024
     c.model.overrides.num_encoder_layers = 3
     c.model.overrides.num_decoder_layers = 3
-    c.model.overrides.max_len = 256
+    c.model.overrides.max_positions = 256
     # bf16 compute where the hardware has bf16 matmul units (AMX, AVX512-BF16, GPU, TPU),
     # float32 elsewhere: an AVX2-only CPU runs bf16 matmuls slower than float32 ones.
     c.model.overrides.dtype = "auto"
@@ -22,7 +22,7 @@ def get_config():
     # dropout only slows learning (dev NLL 4.88 vs about 5.0 at step 500, and faster steps).
     c.model.overrides.dropout_rate = 0.0
     c.vocab_size = 8000
-    c.max_len = 128
+    c.row_length = 128
     # Small batches learn most per token here (dev NLL after the same 0.5M tokens: 4.88 at
     # 1,024 tokens/step, 5.00 at 2,048; 4,096 lost by more in a run with dropout).
     c.tokens_per_step = 1024

@@ -18,7 +18,7 @@ def get_config():
     c = base_config()
     c.model.preset = "init_from"  # the model of --config.init_from's workdir
     c.model.overrides.dropout_rate = 0.1  # OPUS-MT's
-    c.max_len = 128
+    c.row_length = 128
     c.tokens_per_step = 4096
     c.warmup_steps = 200
     # lr = lr_scale * 512^-0.5 * min(step^-0.5, step * 200^-1.5): peak 5.0e-5 at step 200.

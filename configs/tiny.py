@@ -17,12 +17,12 @@ CORPUS = Path(__file__).resolve().parents[1] / "data" / "fixtures" / "bible-en-e
 def get_config():
     c = base_config()
     c.model.preset = "tiny"
-    c.model.overrides.max_len = 64
+    c.model.overrides.max_positions = 64
     c.data.source = "text"
     c.data.train_prefix = str(CORPUS / "train")
     c.data.dev_prefix = str(CORPUS / "dev")
     c.vocab_size = 500
-    c.max_len = 64
+    c.row_length = 64
     c.tokens_per_step = 1024
     c.lr_scale = 2.0
     c.warmup_steps = 10

@@ -13,14 +13,14 @@ from configs.common import base_config
 def get_config():
     c = base_config()
     c.model.preset = "base"
-    c.model.overrides.max_len = 256
+    c.model.overrides.max_positions = 256
     c.model.overrides.dtype = "bfloat16"
     c.data.source = "tfds"
     c.data.tfds_name = "wmt14_translate/de-en"
     c.data.source_lang = "en"
     c.data.target_lang = "de"
     c.vocab_size = 37_000
-    c.max_len = 256
+    c.row_length = 256
     c.tokens_per_step = 25_000
     c.num_train_steps = 100_000
     c.warmup_steps = 4000

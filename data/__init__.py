@@ -18,9 +18,9 @@ Typical use:
 
     pairs = data.open_split(cfg.data, "train")
     tok = data.load_or_train(workdir / "tokenizer.model", pairs, vocab_size=8000)
-    fill = data.packing_fill(pairs, tok, max_len=128)  # share of row slots holding tokens
-    rows = data.rows_per_step(25_000, max_len=128, num_shards=jax.device_count(), fill=fill)
-    it = iter(data.train_dataset(pairs, tok, max_len=128, rows=rows // jax.process_count(),
+    fill = data.packing_fill(pairs, tok, row_length=128)  # share of row slots holding tokens
+    rows = data.rows_per_step(25_000, row_length=128, num_shards=jax.device_count(), fill=fill)
+    it = iter(data.train_dataset(pairs, tok, row_length=128, rows=rows // jax.process_count(),
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count()))
     batch = next(it)   # [rows, 128] int32: inputs, inputs_segmentation, inputs_position, ...

@@ -24,30 +24,30 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def default_buckets(max_len: int, smallest: int = 8) -> list[int]:
-    """Widths 8, 16, 24, 32, 48, 64, 96, ... below `max_len`, then `max_len` itself.
+def default_buckets(max_tokens: int, smallest: int = 8) -> list[int]:
+    """Widths 8, 16, 24, 32, 48, 64, 96, ... below `max_tokens`, then `max_tokens` itself.
 
     Powers of two and their midpoints bound the padding per row to a third while keeping the
-    number of shapes (and so of decoder compilations) logarithmic in `max_len`.
+    number of shapes (and so of decoder compilations) logarithmic in `max_tokens`.
     """
     widths, width = [], smallest
-    while width < max_len:
+    while width < max_tokens:
         widths.append(width)
-        if width >= 2 * smallest and width * 3 // 2 < max_len:
+        if width >= 2 * smallest and width * 3 // 2 < max_tokens:
             widths.append(width * 3 // 2)
         width *= 2
-    return [*widths, max_len]
+    return [*widths, max_tokens]
 
 
 def _encode(
-    texts: Sequence[str], tokenizer: Tokenizer, max_len: int, cut: bool, side: str = "source"
+    texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int, cut: bool, side: str = "source"
 ):
-    """Ids + EOS per text, and which are longer than `max_len`; cut to it if `cut`."""
+    """Ids + EOS per text, and which are longer than `max_tokens`; cut to it if `cut`."""
     out, over = [], np.zeros(len(texts), dtype=bool)
     for i, ids in enumerate(tokenizer.encode_batch(texts, side=side)):
-        if len(ids) + 1 > max_len:
+        if len(ids) + 1 > max_tokens:
             over[i] = True
-            ids = ids[: max_len - 1] if cut else ids
+            ids = ids[: max_tokens - 1] if cut else ids
         out.append([*ids, EOS_ID])
     return out, over
 
@@ -63,7 +63,7 @@ def padded_batches(
     sources: Sequence[str],
     tokenizer: Tokenizer,
     *,
-    max_len: int,
+    max_tokens: int,
     tokens_per_batch: int,
     targets: Sequence[str] | None = None,
     buckets: Sequence[int] | None = None,
@@ -76,18 +76,18 @@ def padded_batches(
     Args:
         sources: Source sentences, in their original order (empty strings allowed).
         tokenizer: The shared tokenizer.
-        max_len: Longest sequence (EOS included); longer ones are truncated or left out, as
+        max_tokens: Longest sequence (EOS included); longer ones are truncated or left out, as
             `overlong` says.
         tokens_per_batch: Budget of rows * width per batch (at least one row per batch).
         targets: Optional references, aligned with `sources` (e.g. for an evaluation loss).
         buckets: Allowed widths, ascending, the last >= every length; default
-            `default_buckets(max_len)`.
+            `default_buckets(max_tokens)`.
         row_multiple: Rows per batch are a multiple of this (e.g. the data-parallel devices).
         fixed_rows: Pad the last batch of each bucket with filler rows so all batches of a
             bucket have one shape (fewer compilations, but wasteful on small sets: without
             it a bucket has at most two shapes, which jit caches across evaluations anyway).
         overlong: 'truncate' (decoding: every input gets an output) or 'filter': leave out
-            every sentence, or pair, with a side over `max_len`, as training does with
+            every sentence, or pair, with a side over `max_tokens`, as training does with
             `overlong='filter'` (a dev loss then measures what the model was trained on).
 
     Returns:
@@ -100,11 +100,15 @@ def padded_batches(
     """
     if targets is not None and len(targets) != len(sources):
         raise DataError(f"{len(sources)} sources but {len(targets)} targets; expected equal")
-    if max_len < 2 or tokens_per_batch < 1 or row_multiple < 1:
-        raise DataError(f"padded_batches: bad {max_len=}, {tokens_per_batch=} or {row_multiple=}")
-    buckets = sorted(buckets or default_buckets(max_len))
-    if buckets[-1] < max_len:
-        raise DataError(f"largest bucket {buckets[-1]} < {max_len=}; expected it to cover max_len")
+    if max_tokens < 2 or tokens_per_batch < 1 or row_multiple < 1:
+        raise DataError(
+            f"padded_batches: bad {max_tokens=}, {tokens_per_batch=} or {row_multiple=}"
+        )
+    buckets = sorted(buckets or default_buckets(max_tokens))
+    if buckets[-1] < max_tokens:
+        raise DataError(
+            f"largest bucket {buckets[-1]} < {max_tokens=}; expected it to cover max_tokens"
+        )
     if overlong not in ("truncate", "filter"):
         raise DataError(f"padded_batches: overlong={overlong!r}; expected 'truncate' or 'filter'")
     sides = {"inputs": sources} if targets is None else {"inputs": sources, "targets": targets}
@@ -112,23 +116,23 @@ def padded_batches(
     for k, texts in sides.items():
         side = "source" if k == "inputs" else "target"
         features[k], too_long = _encode(
-            texts, tokenizer, max_len, cut=overlong == "truncate", side=side
+            texts, tokenizer, max_tokens, cut=overlong == "truncate", side=side
         )
         if too_long.any():
             log.warning(
-                "%s %d of %d %s longer than max_len=%d tokens (EOS included)",
+                "%s %d of %d %s longer than max_tokens=%d tokens (EOS included)",
                 "truncated" if overlong == "truncate" else "left out",
                 int(too_long.sum()),
                 len(texts),
                 "sources" if k == "inputs" else "targets",
-                max_len,
+                max_tokens,
             )
         over |= too_long
     kept = np.flatnonzero(~over) if overlong == "filter" else np.arange(len(sources))
     lengths = np.zeros(len(sources), dtype=np.int64)
     for seqs in features.values():
         lengths = np.maximum(lengths, [len(s) for s in seqs])
-    widths = np.asarray(buckets)[np.searchsorted(buckets, np.minimum(lengths, max_len))]
+    widths = np.asarray(buckets)[np.searchsorted(buckets, np.minimum(lengths, max_tokens))]
     order = kept[np.lexsort((lengths[kept], widths[kept]))]  # By bucket, then length; stable.
     batches = []
     for width in np.unique(widths):
@@ -150,7 +154,7 @@ def decoding_batches(
     sources: Sequence[str],
     tokenizer: Tokenizer,
     *,
-    max_len: int,
+    max_tokens: int,
     tokens_per_batch: int,
     row_multiple: int = 1,
     buckets: Sequence[int] | None = None,
@@ -168,25 +172,29 @@ def decoding_batches(
     Args:
         sources: Source sentences in input order (empty strings allowed).
         tokenizer: The shared tokenizer.
-        max_len: Longest sequence (EOS included); longer ones are truncated (and counted).
+        max_tokens: Longest sequence (EOS included); longer ones are truncated (and counted).
         tokens_per_batch: Budget of rows x width per batch.
         row_multiple: Rows per batch are a multiple of this (the data-parallel devices).
-        buckets: Allowed widths, ascending; default ``default_buckets(max_len)``.
+        buckets: Allowed widths, ascending; default ``default_buckets(max_tokens)``.
 
     Returns:
         Batches of increasing width: ``inputs`` [R, W] int32 (ids + EOS, 0-padded; filler rows
         are all 0) and ``index`` [R] int32 (position in ``sources``, -1 for filler rows).
     """
-    if max_len < 2 or tokens_per_batch < 1 or row_multiple < 1:
-        raise DataError(f"decoding_batches: bad {max_len=}, {tokens_per_batch=} or {row_multiple=}")
-    buckets = sorted(buckets or default_buckets(max_len))
-    if buckets[-1] < max_len:
-        raise DataError(f"largest bucket {buckets[-1]} < {max_len=}; expected it to cover max_len")
-    seqs, over = _encode(sources, tokenizer, max_len, cut=True)
+    if max_tokens < 2 or tokens_per_batch < 1 or row_multiple < 1:
+        raise DataError(
+            f"decoding_batches: bad {max_tokens=}, {tokens_per_batch=} or {row_multiple=}"
+        )
+    buckets = sorted(buckets or default_buckets(max_tokens))
+    if buckets[-1] < max_tokens:
+        raise DataError(
+            f"largest bucket {buckets[-1]} < {max_tokens=}; expected it to cover max_tokens"
+        )
+    seqs, over = _encode(sources, tokenizer, max_tokens, cut=True)
     if over.any():
         log.warning(
-            "truncated %d of %d sources longer than max_len=%d tokens (EOS included)",
-            int(over.sum()), len(sources), max_len,
+            "truncated %d of %d sources longer than max_tokens=%d tokens (EOS included)",
+            int(over.sum()), len(sources), max_tokens,
         )  # fmt: skip
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     widths = np.asarray(buckets)[np.searchsorted(buckets, lengths)]

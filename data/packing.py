@@ -55,17 +55,17 @@ class EpochPlan:
 
 
 def best_fit(
-    lengths: dict[str, np.ndarray], max_len: int, open_rows: int
+    lengths: dict[str, np.ndarray], row_length: int, open_rows: int
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Best-fit packing of examples, in the given order, into rows of `max_len` per feature.
+    """Best-fit packing of examples, in the given order, into rows of `row_length` per feature.
 
     Each example goes to the open row it leaves the least room in (both features must fit);
     when none fits, the fullest open row is closed and a new one opened. A window of
     `open_rows` rows keeps the cost per example constant.
 
     Args:
-        lengths: Per feature, [N] lengths (each <= max_len), in packing order.
-        max_len: Row length.
+        lengths: Per feature, [N] lengths (each <= row_length), in packing order.
+        row_length: Row length.
         open_rows: Number of rows being filled at once.
 
     Returns:
@@ -75,8 +75,8 @@ def best_fit(
     a_len, b_len = (lengths[k] for k in FEATURES)
     n = len(a_len)
     k_open = max(1, min(open_rows, n))
-    free_a = np.full(k_open, max_len, dtype=np.int64)
-    free_b = np.full(k_open, max_len, dtype=np.int64)
+    free_a = np.full(k_open, row_length, dtype=np.int64)
+    free_b = np.full(k_open, row_length, dtype=np.int64)
     slot_row = np.arange(k_open)
     slot_count = np.zeros(k_open, dtype=np.int64)
     next_row = k_open
@@ -84,7 +84,7 @@ def best_fit(
     segment = np.empty(n, dtype=np.int64)
     start_a = np.empty(n, dtype=np.int64)
     start_b = np.empty(n, dtype=np.int64)
-    unfit = 2 * max_len + 1
+    unfit = 2 * row_length + 1
     for j in range(n):
         a, b = a_len[j], b_len[j]
         left_a, left_b = free_a - a, free_b - b
@@ -93,12 +93,12 @@ def best_fit(
         if room[s] == unfit:
             s = int((free_a + free_b).argmin())
             slot_row[s], next_row = next_row, next_row + 1
-            free_a[s] = free_b[s] = max_len
+            free_a[s] = free_b[s] = row_length
             slot_count[s] = 0
         row[j] = slot_row[s]
         slot_count[s] += 1
         segment[j] = slot_count[s]
-        start_a[j], start_b[j] = max_len - free_a[s], max_len - free_b[s]
+        start_a[j], start_b[j] = row_length - free_a[s], row_length - free_b[s]
         free_a[s] -= a
         free_b[s] -= b
     # Slots never used (fewer examples than slots) leave gaps in the numbering.
@@ -109,7 +109,7 @@ def best_fit(
 def plan_epoch(
     lengths: dict[str, np.ndarray],
     *,
-    max_len: int,
+    row_length: int,
     rows: int,
     seed: int,
     epoch: int,
@@ -119,7 +119,7 @@ def plan_epoch(
 
     Args:
         lengths: Per feature, [N] example lengths.
-        max_len: Row length.
+        row_length: Row length.
         rows: Rows per batch.
         seed: Run seed.
         epoch: Epoch number; each epoch gets its own order.
@@ -127,7 +127,7 @@ def plan_epoch(
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths["inputs"]))
-    row, segment, start = best_fit({k: v[order] for k, v in lengths.items()}, max_len, open_rows)
+    row, segment, start = best_fit({k: v[order] for k, v in lengths.items()}, row_length, open_rows)
     num_rows = int(row.max()) + 1
     # Rows are numbered in opening order and the last ones are part-filled: shuffle them so
     # each batch is a random mix and the rows left over after the last full batch are random.
@@ -145,13 +145,13 @@ def plan_epoch(
         segment=segment[:kept],
         start={k: v[:kept] for k, v in start.items()},
         batch_bounds=np.searchsorted(row[:kept], np.arange(num_batches + 1) * rows),
-        efficiency=tokens / max(1, 2 * kept_rows * max_len),
+        efficiency=tokens / max(1, 2 * kept_rows * row_length),
         dropped=len(order) - kept,
     )
 
 
 def assemble(
-    examples: Any, plan: EpochPlan, batch: int, *, rows: int, max_len: int
+    examples: Any, plan: EpochPlan, batch: int, *, rows: int, row_length: int
 ) -> dict[str, np.ndarray]:
     """Builds batch `batch` of `plan` with vectorized gathers.
 
@@ -160,15 +160,15 @@ def assemble(
         plan: The epoch's plan.
         batch: Batch number within the epoch.
         rows: Rows per batch.
-        max_len: Row length.
+        row_length: Row length.
 
     Returns:
-        [rows, max_len] int32 arrays `inputs`, `inputs_segmentation`, `inputs_position`,
+        [rows, row_length] int32 arrays `inputs`, `inputs_segmentation`, `inputs_position`,
         `targets`, `targets_segmentation`, `targets_position`.
     """
     lo, hi = plan.batch_bounds[batch], plan.batch_bounds[batch + 1]
     ex = plan.example[lo:hi]
-    row_base = (plan.row[lo:hi] - batch * rows) * max_len
+    row_base = (plan.row[lo:hi] - batch * rows) * row_length
     out = {}
     for k in FEATURES:
         offsets = examples.offsets[k]
@@ -177,15 +177,15 @@ def assemble(
         first = np.cumsum(n) - n
         pos = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(first, n)
         dst = np.repeat(row_base + plan.start[k][lo:hi], n) + pos
-        values = np.zeros(rows * max_len, dtype=np.int32)
+        values = np.zeros(rows * row_length, dtype=np.int32)
         values[dst] = examples.ids[k][np.repeat(offsets[ex], n) + pos]
-        seg = np.zeros(rows * max_len, dtype=np.int32)
+        seg = np.zeros(rows * row_length, dtype=np.int32)
         seg[dst] = np.repeat(plan.segment[lo:hi], n)
-        position = np.zeros(rows * max_len, dtype=np.int32)
+        position = np.zeros(rows * row_length, dtype=np.int32)
         position[dst] = pos
-        out[k] = values.reshape(rows, max_len)
-        out[f"{k}_segmentation"] = seg.reshape(rows, max_len)
-        out[f"{k}_position"] = position.reshape(rows, max_len)
+        out[k] = values.reshape(rows, row_length)
+        out[f"{k}_segmentation"] = seg.reshape(rows, row_length)
+        out[f"{k}_position"] = position.reshape(rows, row_length)
     return out
 
 
@@ -193,8 +193,8 @@ class PackedBatches(grain.IterDataset):
     """Shuffled, packed, batched epochs of tokenized examples.
 
     Args:
-        examples: A `TokenizedPairs`; every example must fit in `max_len`.
-        max_len: Row length.
+        examples: A `TokenizedPairs`; every example must fit in `row_length`.
+        row_length: Row length.
         rows: Rows per batch.
         seed: Seed of the per-epoch shuffles.
         num_epochs: Number of epochs; None for endless.
@@ -205,7 +205,7 @@ class PackedBatches(grain.IterDataset):
         self,
         examples: Any,
         *,
-        max_len: int,
+        row_length: int,
         rows: int,
         seed: int,
         num_epochs: int | None = None,
@@ -215,14 +215,14 @@ class PackedBatches(grain.IterDataset):
         if len(examples) == 0:
             raise DataError("PackedBatches needs at least one example")
         self.examples = examples
-        self.max_len, self.rows, self.seed = max_len, rows, seed
+        self.row_length, self.rows, self.seed = row_length, rows, seed
         self.num_epochs, self.open_rows = num_epochs, open_rows
         self.lengths = {k: np.diff(examples.offsets[k]) for k in FEATURES}
 
     def plan(self, epoch: int) -> EpochPlan:
         return plan_epoch(
             self.lengths,
-            max_len=self.max_len,
+            row_length=self.row_length,
             rows=self.rows,
             seed=self.seed,
             epoch=epoch,
@@ -233,7 +233,7 @@ class PackedBatches(grain.IterDataset):
         return PackedBatchIterator(self)
 
     def __str__(self) -> str:
-        return f"PackedBatches(max_len={self.max_len}, rows={self.rows}, seed={self.seed})"
+        return f"PackedBatches(row_length={self.row_length}, rows={self.rows}, seed={self.seed})"
 
 
 class PackedBatchIterator(grain.DatasetIterator):
@@ -260,7 +260,7 @@ class PackedBatchIterator(grain.DatasetIterator):
             if self._plan.num_batches == 0:
                 raise DataError(
                     f"{len(self._ds.examples)} examples fill fewer than one batch of "
-                    f"{self._ds.rows} rows of {self._ds.max_len}; use fewer rows per step"
+                    f"{self._ds.rows} rows of {self._ds.row_length}; use fewer rows per step"
                 )
         return self._plan
 
@@ -272,9 +272,9 @@ class PackedBatchIterator(grain.DatasetIterator):
         if self._batch >= plan.num_batches:
             raise DataError(
                 f"iterator state {self.get_state()} is past the {plan.num_batches} batches of "
-                "that epoch; was it saved with other data, rows or max_len?"
+                "that epoch; was it saved with other data, rows or row_length?"
             )
-        batch = assemble(ds.examples, plan, self._batch, rows=ds.rows, max_len=ds.max_len)
+        batch = assemble(ds.examples, plan, self._batch, rows=ds.rows, row_length=ds.row_length)
         self._batch += 1
         if self._batch == plan.num_batches:
             self._epoch, self._batch, self._plan = self._epoch + 1, 0, None

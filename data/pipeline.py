@@ -60,18 +60,18 @@ def encode_pairs(
     pairs: Sequence[tuple[str, str]],
     tokenizer: Tokenizer,
     *,
-    max_len: int,
+    row_length: int,
     overlong: str = "filter",
     indices: Sequence[int] | None = None,
 ) -> tuple[TokenizedPairs, dict[str, int]]:
-    """Tokenizes pairs (adding EOS) and filters or truncates those longer than `max_len`.
+    """Tokenizes pairs (adding EOS) and filters or truncates those longer than `row_length`.
 
     Args:
         pairs: `(source, target)` strings.
         tokenizer: The shared tokenizer.
-        max_len: Longest allowed sequence, EOS included.
-        overlong: 'filter' drops pairs with a side over `max_len`; 'truncate' cuts that side to
-            `max_len - 1` ids plus EOS.
+        row_length: Longest allowed sequence, EOS included.
+        overlong: 'filter' drops pairs with a side over `row_length`; 'truncate' cuts that side to
+            `row_length - 1` ids plus EOS.
         indices: Which pairs to encode (default: all), e.g. this process's shard.
 
     Returns:
@@ -80,8 +80,8 @@ def encode_pairs(
     """
     if overlong not in ("filter", "truncate"):
         raise DataError(f"overlong={overlong!r}; expected 'filter' or 'truncate'")
-    if max_len < 2:
-        raise DataError(f"max_len={max_len}; expected at least 2 (one token and EOS)")
+    if row_length < 2:
+        raise DataError(f"row_length={row_length}; expected at least 2 (one token and EOS)")
     indices = range(len(pairs)) if indices is None else indices
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.int32
     # Chunks go to numpy at once: Python lists of ints would take ~40 bytes per token.
@@ -100,7 +100,7 @@ def encode_pairs(
     lengths = {k: np.concatenate([np.zeros(0, np.int64), *len_chunks[k]]) for k in FEATURES}
     too_long = np.zeros(len(indices), dtype=bool)
     for k in FEATURES:
-        too_long |= lengths[k] + 1 > max_len
+        too_long |= lengths[k] + 1 > row_length
     stats = {"pairs": len(indices), "filtered": 0, "truncated": 0}
     keep = np.arange(len(indices))
     if overlong == "filter":
@@ -113,8 +113,8 @@ def encode_pairs(
         flat = np.concatenate([np.zeros(0, dtype), *flat_chunks[k]])
         flat_chunks[k] = []
         raw_start = np.cumsum(lengths[k]) - lengths[k]
-        # Copy the kept ids, cut to max_len - 1, into place and put EOS after each example.
-        n = np.minimum(lengths[k][keep], max_len - 1)
+        # Copy the kept ids, cut to row_length - 1, into place and put EOS after each example.
+        n = np.minimum(lengths[k][keep], row_length - 1)
         offsets[k] = np.concatenate([[0], np.cumsum(n + 1)]).astype(np.int64)
         pos = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
         ids[k] = np.empty(int(offsets[k][-1]), dtype)
@@ -124,18 +124,18 @@ def encode_pairs(
     stats["examples"] = len(keep)
     if too_long.any():
         log.warning(
-            "%s %d of %d pairs longer than max_len=%d tokens (EOS included)",
+            "%s %d of %d pairs longer than row_length=%d tokens (EOS included)",
             "dropped" if overlong == "filter" else "truncated",
             int(too_long.sum()),
             len(indices),
-            max_len,
+            row_length,
         )
     return TokenizedPairs(ids, offsets), stats
 
 
 def rows_per_step(
     tokens_per_step: int,
-    max_len: int,
+    row_length: int,
     num_shards: int = 1,
     *,
     fill: float = 1.0,
@@ -144,26 +144,26 @@ def rows_per_step(
     """Rows per micro-batch whose real (non-padding) tokens per side add up to the budget.
 
     The paper's batches hold about 25,000 source and 25,000 target tokens. A packed row has
-    `max_len` slots per side of which a fraction `fill` holds tokens (`packing_fill`), so a step
-    needs `tokens_per_step / (fill * max_len)` rows, split over `micro_batches` micro-batches
+    `row_length` slots per side of which a fraction `fill` holds tokens (`packing_fill`), so a step
+    needs `tokens_per_step / (fill * row_length)` rows, split over `micro_batches` micro-batches
     of equal shape. Rows per micro-batch are rounded to the nearest positive multiple of
     `num_shards` (every data-parallel device gets the same number), so the real count,
-    `micro_batches * rows * fill * max_len`, is within half a multiple of the budget;
+    `micro_batches * rows * fill * row_length`, is within half a multiple of the budget;
     `train.py` logs it.
 
     Args:
         tokens_per_step: Token budget per side per optimizer step, over all devices and hosts.
-        max_len: Row length.
+        row_length: Row length.
         num_shards: Data-parallel shards (devices); the result is a positive multiple of it.
         fill: Fraction of a packed row's slots that hold tokens (1.0: count slots).
         micro_batches: Gradient-accumulation micro-batches per step.
     """
-    if min(tokens_per_step, max_len, num_shards, micro_batches) <= 0 or not 0 < fill <= 1:
+    if min(tokens_per_step, row_length, num_shards, micro_batches) <= 0 or not 0 < fill <= 1:
         raise DataError(
-            f"rows_per_step({tokens_per_step=}, {max_len=}, {num_shards=}, {fill=}, "
+            f"rows_per_step({tokens_per_step=}, {row_length=}, {num_shards=}, {fill=}, "
             f"{micro_batches=}): expected positive numbers and 0 < fill <= 1"
         )
-    rows = tokens_per_step / (fill * max_len * micro_batches)
+    rows = tokens_per_step / (fill * row_length * micro_batches)
     return max(1, round(rows / num_shards)) * num_shards
 
 
@@ -171,7 +171,7 @@ def packing_fill(
     pairs: Sequence[tuple[str, str]],
     tokenizer: Tokenizer,
     *,
-    max_len: int,
+    row_length: int,
     overlong: str = "filter",
     seed: int = 0,
     open_rows: int = 128,
@@ -188,21 +188,23 @@ def packing_fill(
     chosen = (
         range(n) if n <= sample else np.sort(np.random.default_rng(seed).permutation(n)[:sample])
     )
-    examples, _ = encode_pairs(pairs, tokenizer, max_len=max_len, overlong=overlong, indices=chosen)
+    examples, _ = encode_pairs(
+        pairs, tokenizer, row_length=row_length, overlong=overlong, indices=chosen
+    )
     if len(examples) == 0:
-        raise DataError(f"no pair of the {n} fits in {max_len=}")
+        raise DataError(f"no pair of the {n} fits in {row_length=}")
     lengths = {k: examples.lengths(k) for k in FEATURES}
     order = np.random.default_rng([seed, 0]).permutation(len(examples))
-    row, _, _ = best_fit({k: v[order] for k, v in lengths.items()}, max_len, open_rows)
+    row, _, _ = best_fit({k: v[order] for k, v in lengths.items()}, row_length, open_rows)
     tokens = sum(int(v.sum()) for v in lengths.values())
-    return tokens / (2 * (int(row.max()) + 1) * max_len)
+    return tokens / (2 * (int(row.max()) + 1) * row_length)
 
 
 def train_dataset(
     pairs: Sequence[tuple[str, str]],
     tokenizer: Tokenizer,
     *,
-    max_len: int,
+    row_length: int,
     rows: int,
     seed: int = 0,
     num_epochs: int | None = None,
@@ -220,12 +222,12 @@ def train_dataset(
     Args:
         pairs: Training `(source, target)` strings (all of them; sharding happens here).
         tokenizer: The shared tokenizer.
-        max_len: Row length; also the longest example (EOS included).
+        row_length: Row length; also the longest example (EOS included).
         rows: Rows per batch on this process (global rows / process_count).
         seed: Shuffling seed; the order differs per epoch and is the same for the same seed.
         num_epochs: Passes over the data; None repeats forever. With several processes use
             None and stop by step count: shards can differ in batches per epoch.
-        overlong: 'filter' or 'truncate' examples over `max_len` (see `encode_pairs`).
+        overlong: 'filter' or 'truncate' examples over `row_length` (see `encode_pairs`).
         process_index: This host's index (`jax.process_index()`).
         process_count: Number of hosts (`jax.process_count()`).
         open_rows: Rows filled at once by best-fit packing; more pack tighter but plan each
@@ -234,28 +236,33 @@ def train_dataset(
             0 returns the `PackedBatches` itself (its `plan(epoch)` shows the epoch's packing).
 
     Returns:
-        A grain IterDataset; `iter()` of it yields dicts of [rows, max_len] int32 arrays
+        A grain IterDataset; `iter()` of it yields dicts of [rows, row_length] int32 arrays
         `inputs, inputs_segmentation, inputs_position, targets, targets_segmentation,
         targets_position` (segmentation 1, 2, ... per example in a row, 0 = padding; positions
         restart at 0 for each example) and has `get_state()` / `set_state()`.
 
     Raises:
-        DataError: Bad process arguments, or no example fits in `max_len`.
+        DataError: Bad process arguments, or no example fits in `row_length`.
     """
     if not 0 <= process_index < process_count:
         raise DataError(f"{process_index=} out of range for {process_count=}")
     shard = range(process_index, len(pairs), process_count)
     examples, stats = encode_pairs(
-        pairs, tokenizer, max_len=max_len, overlong=overlong, indices=shard
+        pairs, tokenizer, row_length=row_length, overlong=overlong, indices=shard
     )
     if len(examples) == 0:
         raise DataError(
             f"no training examples on process {process_index}/{process_count}: "
-            f"{stats['pairs']} pairs, {stats['filtered']} longer than {max_len=}"
+            f"{stats['pairs']} pairs, {stats['filtered']} longer than {row_length=}"
         )
     log.info("process %d/%d training examples: %s", process_index, process_count, stats)
     ds = PackedBatches(
-        examples, max_len=max_len, rows=rows, seed=seed, num_epochs=num_epochs, open_rows=open_rows
+        examples,
+        row_length=row_length,
+        rows=rows,
+        seed=seed,
+        num_epochs=num_epochs,
+        open_rows=open_rows,
     )
     if prefetch > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
@@ -266,7 +273,7 @@ def batch_stats(batch: dict[str, Any]) -> dict[str, float]:
     """Counts and packing efficiency (non-padding fraction) of one training batch.
 
     Args:
-        batch: A batch from `train_dataset` ([rows, max_len] arrays).
+        batch: A batch from `train_dataset` ([rows, row_length] arrays).
 
     Returns:
         `examples`, `inputs_tokens`, `targets_tokens`, and `inputs_efficiency`,

@@ -19,12 +19,12 @@ their leading dimension (beam search tiles and reorders those per beam; 0-d leav
 step index are shared; ``PerSentence`` entries stay one per sentence: see `common`). They
 are ``lax.while_loop``s, jit-compatible with the sizes static:
 
-    @functools.partial(jax.jit, static_argnames="max_len")
-    def translate(variables, src, max_lengths, max_len):
-        fn, cache = decoding.cached_decoder(model, variables, src, max_len)
+    @functools.partial(jax.jit, static_argnames="cache_length")
+    def translate(variables, src, max_lengths, cache_length):
+        fn, cache = decoding.cached_decoder(model, variables, src, cache_length)
         seqs, scores = decoding.beam_search(fn, cache, batch_size=src.shape[0], bos_id=2,
-                                            eos_id=1, max_len=max_len, max_lengths=max_lengths)
-        return seqs[:, 0]   # [B, max_len]: the best hypothesis, EOS then 0s
+                                            eos_id=1, max_len=cache_length, max_lengths=max_lengths)
+        return seqs[:, 0]   # [B, cache_length]: the best hypothesis, EOS then 0s
 """
 
 from decoding.beam_search import beam_search, length_penalty

@@ -79,7 +79,7 @@ class Continuer:
     def prompts(self, lines: Sequence[str]) -> list[list[int]]:
         """BOS + pieces of each line, cut to the model's positions (keeping the end) so that
         at least one new token fits; empty lines give ``[]``."""
-        limit = self.model.config.max_len - 1
+        limit = self.model.config.max_positions - 1
         ids = self.tokenizer.encode_batch(list(lines))
         out, cut = [], 0
         for line, pieces in zip(lines, ids, strict=True):
@@ -90,7 +90,9 @@ class Continuer:
                 pieces, cut = pieces[len(pieces) + 1 - limit :], cut + 1
             out.append([self.tokenizer.bos_id, *pieces])
         if cut:
-            log.warning("%d prompts were cut to their last %d tokens (max_len)", cut, limit - 1)
+            log.warning(
+                "%d prompts were cut to their last %d tokens (max_positions)", cut, limit - 1
+            )
         return out
 
     def continue_lines(
@@ -112,7 +114,7 @@ class Continuer:
         rng = jax.random.fold_in(jax.random.key(s.seed), first_line)
         with use_mesh(self.mesh):
             for p, items in sorted(by_length.items()):
-                new_tokens = max(1, min(s.extra_len, cfg.max_len - p + 1))
+                new_tokens = max(1, min(s.extra_len, cfg.max_positions - p + 1))
                 rows = max(1, self.tokens_per_batch // (p + new_tokens))
                 for start in range(0, len(items), rows):
                     chunk = items[start : start + rows]

@@ -12,11 +12,11 @@
 
 Call them inside the jitted function, so that ``variables`` and ``src`` are traced:
 
-    @functools.partial(jax.jit, static_argnames="max_len")
-    def translate(variables, src, max_len):
-        tokens_to_logits, cache = cached_decoder(model, variables, src, max_len)
+    @functools.partial(jax.jit, static_argnames="cache_length")
+    def translate(variables, src, cache_length):
+        tokens_to_logits, cache = cached_decoder(model, variables, src, cache_length)
         return beam_search(tokens_to_logits, cache, batch_size=src.shape[0], bos_id=2,
-                           eos_id=1, max_len=max_len)
+                           eos_id=1, max_len=cache_length)
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from model.transformer import Transformer
 
 
 def cached_decoder(
-    model: Transformer, variables: dict, src: jax.Array, max_len: int
+    model: Transformer, variables: dict, src: jax.Array, cache_length: int
 ) -> tuple[TokensToLogits, Cache]:
     """Incremental decoding with the model's key/value cache.
 
@@ -38,7 +38,7 @@ def cached_decoder(
       model: the Transformer.
       variables: its variables (``{'params': ...}``).
       src: ``[B, S]`` int32 source ids, 0 = padding.
-      max_len: L, the most target positions (steps) the cache holds.
+      cache_length: L, the most target positions (steps) the cache holds.
 
     Returns:
       ``(tokens_to_logits, cache)``: ``ids [R, 1] -> logits [R, V]`` float32 (R = B x beams),
@@ -46,7 +46,7 @@ def cached_decoder(
       mask, the encoder-decoder keys/values) marked ``PerSentence`` (see ``decoding.common``).
     """
     memory = model.apply(variables, src, method=Transformer.encode)
-    cache = model.apply(variables, memory, src, max_len, method=Transformer.init_cache)
+    cache = model.apply(variables, memory, src, cache_length, method=Transformer.init_cache)
 
     def tokens_to_logits(ids: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         logits, cache = model.apply(variables, ids, unwrap(cache), method=Transformer.decode_step)
@@ -68,7 +68,7 @@ def _mark(cache: Cache) -> Cache:
 
 
 def uncached_decoder(
-    model: Transformer, variables: dict, src: jax.Array, max_len: int
+    model: Transformer, variables: dict, src: jax.Array, cache_length: int
 ) -> tuple[TokensToLogits, Cache]:
     """Decoding that re-runs the full decoder over the whole prefix at every step.
 
@@ -81,7 +81,7 @@ def uncached_decoder(
     memory = model.apply(variables, src, method=Transformer.encode)
     cache = {
         "index": jnp.array(0, jnp.int32),
-        "prefix": jnp.zeros((src.shape[0], max_len), jnp.int32),
+        "prefix": jnp.zeros((src.shape[0], cache_length), jnp.int32),
         "memory": memory,
         "src": src,
     }
@@ -107,7 +107,7 @@ def lm_decoder(
       model: the DecoderOnlyLM.
       variables: its variables.
       prompts: ``[B, P]`` int32 prompts of one length P >= 1, BOS first (no padding).
-      length: L, the cache's positions: P plus the most new tokens (<= ``config.max_len``).
+      length: L, the cache's positions: P plus the most new tokens (<= ``config.max_positions``).
 
     Returns:
       ``(tokens_to_logits, cache, first_ids)``: the cache already holds the first P - 1 prompt

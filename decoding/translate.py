@@ -93,13 +93,13 @@ class Translator:
         self.model, self.tokenizer, self.search, self.mesh = model, tokenizer, search, mesh
         self.tokens_per_batch = tokens_per_batch
         self._shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-        self._run = jax.jit(self._search, static_argnames="max_len")
+        self._run = jax.jit(self._search, static_argnames="cache_length")
 
-    def _search(self, params, src, max_lengths, rng, max_len):
+    def _search(self, params, src, max_lengths, rng, cache_length):
         s, tok = self.search, self.tokenizer
-        fn, cache = cached_decoder(self.model, {"params": params}, src, max_len)
+        fn, cache = cached_decoder(self.model, {"params": params}, src, cache_length)
         common = dict(
-            batch_size=src.shape[0], bos_id=tok.bos_id, eos_id=tok.eos_id, max_len=max_len,
+            batch_size=src.shape[0], bos_id=tok.bos_id, eos_id=tok.eos_id, max_len=cache_length,
             max_lengths=max_lengths,
         )  # fmt: skip
         if s.method == "beam":
@@ -119,7 +119,7 @@ class Translator:
         return decoding_batches(
             sources,
             self.tokenizer,
-            max_len=max(2, self.model.config.max_len - 1),
+            max_tokens=max(2, self.model.config.max_positions - 1),
             tokens_per_batch=self.tokens_per_batch,
             row_multiple=self._shards,
         )
@@ -135,7 +135,7 @@ class Translator:
           ``(L, limits [R] int32)``.
         """
         cfg, extra = self.model.config, self.search.extra_len
-        length = min(cfg.max_len, src.shape[1] + extra)
+        length = min(cfg.max_positions, src.shape[1] + extra)
         n = np.sum(src > 0, axis=1)
         limits = np.minimum(n + extra, length)
         limits[(n == 0) | (src[:, 0] == self.tokenizer.eos_id)] = 1
@@ -170,8 +170,8 @@ class Translator:
                 if cut:
                     log.warning(
                         "%d sentences may produce fewer than source length + %d tokens: the "
-                        "model's position table ends at max_len=%d",
-                        cut, extra, cfg.max_len,
+                        "model's position table ends at max_positions=%d",
+                        cut, extra, cfg.max_positions,
                     )  # fmt: skip
                 out = self._run(
                     params,

@@ -11,7 +11,7 @@ a projection's output features are ordered head-major (``h * K + k``), as ``[D, 
   embed/embedding [V, D]                      encoder/embeddings_0, decoder/embeddings and
                                               decoder/projection (one array, aliased on save),
                                               scale_embeddings: multiplied by sqrt(D)
-  sinusoidal_positions(max_len, D, layout)    {encoder,decoder}/position_encodings/encodings
+  sinusoidal_positions(max_positions, D, layout)    {encoder,decoder}/position_encodings/encodings
                                               (CT2's own sinusoid is [sin | cos] from position
                                               1, 500 rows: neither project layout)
   self_attention query, key, value [D, H, K]  self_attention/linear_0 [3D, D] (q, k, v fused)
@@ -186,10 +186,10 @@ def make_spec(bundle: TransformerBundle) -> transformer_spec.TransformerSpec:
     spec.config.add_source_bos = spec.config.add_source_eos = False
 
     embedding = p("embed", "embedding")  # [V, D]
-    table = sinusoidal_positions(cfg.max_len, cfg.d_model, cfg.positional_encoding)
+    table = sinusoidal_positions(cfg.max_positions, cfg.d_model, cfg.positional_encoding)
     for side in (spec.encoder, spec.decoder):
         side.scale_embeddings = True  # x sqrt(D), then + positions, as Transformer._embed
-        side.position_encodings.encodings = np.array(table, np.float32)  # [max_len, D]
+        side.position_encodings.encodings = np.array(table, np.float32)  # [max_positions, D]
     spec.encoder.embeddings[0].weight = embedding
     spec.decoder.embeddings.weight = embedding.copy()  # Equal arrays are aliased on save.
     spec.decoder.projection.weight = embedding.copy()  # tied: logits = y E^T (+ bias)
@@ -302,24 +302,24 @@ def export(
 # --- Translating with the export as decode.py translates -----------------------------------
 
 
-def source_tokens(tokenizer: Tokenizer, text: str, max_len: int) -> list[str]:
-    """The encoder input of ``decode.py``: pieces then ``</s>``, at most ``max_len - 1`` tokens
-    (longer sources lose their tail, EOS stays last); ``[]`` for a text with no pieces."""
+def source_tokens(tokenizer: Tokenizer, text: str, max_positions: int) -> list[str]:
+    """The encoder input of ``decode.py``: pieces then ``</s>``, at most ``max_positions - 1``
+    tokens (longer sources lose their tail, EOS stays last); ``[]`` for a text with no pieces."""
     ids = tokenizer.encode(text)
     if not ids:
         return []
-    ids = [*ids[: max(2, max_len - 1) - 1], EOS_ID]
+    ids = [*ids[: max(2, max_positions - 1) - 1], EOS_ID]
     return [tokenizer.id_to_piece(i) for i in ids]
 
 
-def max_decoding_length(source_length: int, max_len: int, extra_len: int = 50) -> int:
+def max_decoding_length(source_length: int, max_positions: int, extra_len: int = 50) -> int:
     """CT2's ``max_decoding_length`` for the project's output limit (EOS counted).
 
-    The project forces EOS at its limit ``L = min(source_length + extra_len, max_len)``
+    The project forces EOS at its limit ``L = min(source_length + extra_len, max_positions)``
     (source length with EOS), so at most ``L - 1`` real tokens; CT2 stops after
     ``max_decoding_length`` tokens without forcing EOS, hence ``L - 1``.
     """
-    return max(1, min(source_length + extra_len, max_len) - 1)
+    return max(1, min(source_length + extra_len, max_positions) - 1)
 
 
 def gnmt_score(ct2_score: float, length: int, alpha: float) -> float:
@@ -333,7 +333,7 @@ def translate(
     tokenizer: Tokenizer,
     texts: Sequence[str],
     *,
-    max_len: int,
+    max_positions: int,
     beam_size: int | None = None,
     alpha: float | None = None,
     batch_tokens: int = 4096,
@@ -358,7 +358,7 @@ def translate(
       translator: a ``ctranslate2.Translator`` over an export of the model.
       tokenizer: the model's tokenizer.
       texts: source sentences.
-      max_len: the model's ``max_len`` (longest source and output, EOS included).
+      max_positions: the model's ``max_positions`` (longest source and output, EOS included).
       beam_size: 1 for greedy search.
       alpha: the length-penalty exponent.
       batch_tokens: source-token budget per ``translate_batch`` call (at least one sentence).
@@ -379,7 +379,7 @@ def translate(
         beam_size = default.beam_size if beam_size is None else beam_size
         alpha = default.alpha if alpha is None else alpha
         extra_len = default.extra_len if extra_len is None else extra_len
-    sources = [source_tokens(tokenizer, t, max_len) for t in texts]
+    sources = [source_tokens(tokenizer, t, max_positions) for t in texts]
     ids = {tokenizer.id_to_piece(i): i for i in range(tokenizer.vocab_size)}
     order = sorted((i for i, s in enumerate(sources) if s), key=lambda i: len(sources[i]))
     rescore = rescore and beam_size > 1 and alpha != 0
@@ -395,7 +395,9 @@ def translate(
             beam_size=beam_size,
             num_hypotheses=beam_size if rescore else 1,
             length_penalty=alpha,
-            max_decoding_length=max_decoding_length(len(sources[batch[-1]]), max_len, extra_len),
+            max_decoding_length=max_decoding_length(
+                len(sources[batch[-1]]), max_positions, extra_len
+            ),
             min_decoding_length=0,  # The project may end with EOS at once (CT2's default is 1).
             max_input_length=0,
             suppress_sequences=[[tokenizer.id_to_piece(PAD_ID)]],

@@ -12,7 +12,7 @@ A Marian model is the paper's post-LN Transformer with a few differences, each m
                                               out_bias [D]
   final_logits_bias [1, V]                    logits_bias=True: embed/logits_bias [V]
   LayerNorm eps 1e-5 (fixed)                  layer_norm_epsilon=1e-5
-  max_position_embeddings                     max_len
+  max_position_embeddings                     max_positions
   sinusoid with sines in channels [0, D/2),   positional_encoding="interleaved" (the paper's): the
   cosines in [D/2, D), the paper's rates      two tables are one channel permutation apart, so D
                                               is permuted everywhere on import (exact: LayerNorm
@@ -147,7 +147,7 @@ def _model_config(hf: dict, path: Path):
             num_decoder_layers=hf["decoder_layers"],
             dropout_rate=float(hf.get("dropout", 0.1)),
             attention_dropout_rate=float(hf.get("attention_dropout", 0.0)),
-            max_len=hf.get("max_position_embeddings", 512),
+            max_positions=hf.get("max_position_embeddings", 512),
             norm="post",
             positional_encoding="interleaved",
             layer_norm_epsilon=float(ours.get("layer_norm_epsilon", MARIAN_LAYER_NORM_EPSILON)),
@@ -404,7 +404,7 @@ def _hf_config(cfg, tok: MarianTokenizer) -> dict:
         "decoder_ffn_dim": cfg.d_ff,
         "vocab_size": cfg.vocab_size,
         "decoder_vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_len,
+        "max_position_embeddings": cfg.max_positions,
         "dropout": cfg.dropout_rate,
         "attention_dropout": cfg.attention_dropout_rate,
         "activation_dropout": 0.0,
@@ -489,10 +489,10 @@ def write(bundle: TransformerBundle, output: str | Path, *, force: bool = False)
             "eos_token_id": eos,
             "forced_eos_token_id": eos,
             "pad_token_id": pad,
-            "max_length": cfg.max_len,
+            "max_length": cfg.max_positions,
             "num_beams": 4,
         }
         (stage / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        tok.save_hf(stage, model_max_length=cfg.max_len)
+        tok.save_hf(stage, model_max_length=cfg.max_positions)
     log.info("wrote Marian model %s from %s", output, bundle.description)
     return Path(output)

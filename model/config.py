@@ -26,6 +26,8 @@ Architecture = Literal["encoder_decoder", "decoder_only", "encoder_only"]
 ARCHITECTURES = ("encoder_decoder", "decoder_only", "encoder_only")
 PositionalLayout = Literal["interleaved", "concat"]
 _DTYPES = ("float32", "bfloat16", "float16")
+# Fields renamed since workdirs were first written: old name -> new name.
+_RENAMED = {"max_len": "max_positions"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +47,8 @@ class TransformerConfig:
       num_decoder_layers: N for the decoder.
       dropout_rate: P_drop on each sub-layer output and on embeddings + positions.
       attention_dropout_rate: dropout on attention probabilities (not in the paper: 0).
-      max_len: longest sequence (source, target or decoding cache) the positional table covers.
+      max_positions: the rows of the position table: the longest source, target or decoding
+        cache (the training config's ``row_length`` and a cache's length must fit in it).
       dtype: compute dtype ("float32", "bfloat16", "float16"). Matmuls take inputs in this
         dtype and accumulate in float32; LayerNorm statistics and softmax run in float32.
       param_dtype: storage dtype of the parameters.
@@ -75,7 +78,7 @@ class TransformerConfig:
     num_decoder_layers: int = 6
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.0
-    max_len: int = 512
+    max_positions: int = 512
     dtype: str = "float32"
     param_dtype: str = "float32"
     norm: Norm = "post"
@@ -90,7 +93,7 @@ class TransformerConfig:
     num_classes: int = 0
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_len"):
+        for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_positions"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"TransformerConfig.{name} must be a positive int, got {value!r}")
@@ -208,7 +211,12 @@ class TransformerConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TransformerConfig:
-        """Inverse of ``to_dict``; unknown keys are an error naming them."""
+        """Inverse of ``to_dict``; unknown keys are an error naming them. A config saved before
+        ``max_positions`` was named so (``max_len``) reads as well."""
+        values = dict(values)
+        for old, new in _RENAMED.items():
+            if old in values and new not in values:
+                values[new] = values.pop(old)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -247,7 +255,7 @@ class TransformerConfig:
             d_ff=64,
             num_encoder_layers=2,
             num_decoder_layers=2,
-            max_len=128,
+            max_positions=128,
         )
         return cls._preset(vocab_size, values, overrides)
 
@@ -263,7 +271,7 @@ class TransformerConfig:
             d_ff=3072,
             num_encoder_layers=0,
             num_decoder_layers=12,
-            max_len=1024,
+            max_positions=1024,
             norm="pre",
             activation="gelu",
             attention_bias=True,

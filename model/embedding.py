@@ -22,7 +22,7 @@ class Embed(nn.Module):
     """Embedding shared by inputs and the output projection, plus the positional encodings.
 
     Parameters: ``embedding [V, D]`` and, with ``config.logits_bias``, ``logits_bias [V]``.
-    The position table is a constant of ``config.max_len`` rows, not a parameter.
+    The position table is a constant of ``config.max_positions`` rows, not a parameter.
     """
 
     config: TransformerConfig
@@ -44,7 +44,7 @@ class Embed(nn.Module):
                 cfg.params_dtype,
             )
         self.position_table = sinusoidal_positions(
-            cfg.max_len, cfg.d_model, cfg.positional_encoding
+            cfg.max_positions, cfg.d_model, cfg.positional_encoding
         )
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
@@ -64,9 +64,10 @@ class Embed(nn.Module):
         """
         cfg = self.config
         length = ids.shape[1]
-        if length > cfg.max_len:
+        if length > cfg.max_positions:
             raise ValueError(
-                f"sequence length {length} exceeds TransformerConfig.max_len={cfg.max_len}"
+                f"sequence length {length} exceeds TransformerConfig.max_positions="
+                f"{cfg.max_positions}"
             )
         if positions is None:
             pe = self.position_table[None, :length]

@@ -65,20 +65,20 @@ _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bw
 
 
 def sinusoidal_positions(
-    max_len: int, d_model: int, layout: str = "interleaved", max_timescale: float = 1e4
+    num_positions: int, d_model: int, layout: str = "interleaved", max_timescale: float = 1e4
 ) -> np.ndarray:
-    """The fixed positional encodings, float32 ``[max_len, D]``.
+    """The fixed positional encodings, float32 ``[num_positions, D]``.
 
     ``"interleaved"`` is the paper's section 3.5:
         PE(pos, 2i) = sin(pos / 10000^(2i / d_model)),  PE(pos, 2i + 1) = cos(same angle).
     ``"concat"`` is tensor2tensor's ``get_timing_signal_1d``: sines in the first half, cosines in
     the second, with timescales spaced geometrically from 1 to 10000 over ``D/2`` channels.
     """
-    pos = np.arange(max_len, dtype=np.float64)[:, None]
+    pos = np.arange(num_positions, dtype=np.float64)[:, None]
     if layout == "interleaved":
         two_i = np.arange(0, d_model, 2, dtype=np.float64)
         angles = pos / np.power(max_timescale, two_i / d_model)  # [L, ceil(D/2)]
-        pe = np.zeros((max_len, d_model), dtype=np.float64)
+        pe = np.zeros((num_positions, d_model), dtype=np.float64)
         pe[:, 0::2] = np.sin(angles)
         pe[:, 1::2] = np.cos(angles[:, : d_model // 2])
     elif layout == "concat":

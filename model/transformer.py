@@ -10,7 +10,7 @@ computes each layer's encoder-decoder keys/values once per sentence, and ``decod
 self-attention keys/values to the explicit cache step by step:
 
     memory = model.apply(variables, src, method=Transformer.encode)
-    cache = model.apply(variables, memory, src, max_len, method=Transformer.init_cache)
+    cache = model.apply(variables, memory, src, cache_length, method=Transformer.init_cache)
     logits, cache = model.apply(variables, ids, cache, method=Transformer.decode_step)
 """
 
@@ -146,7 +146,7 @@ class Transformer(nn.Module):
         Args:
           memory: ``[B, S, D]`` from ``encode``.
           src: ``[B, S]`` source ids (for the padding mask).
-          length: L, the longest target the cache will hold (<= ``config.max_len``).
+          length: L, the longest target the cache will hold (<= ``config.max_positions``).
 
         Returns:
           ``{'index': int32 [], 'src_valid': bool [B, S], 'layers': ({'self': {'k', 'v':
@@ -156,8 +156,8 @@ class Transformer(nn.Module):
           reads the number of beams from the ratio.
         """
         cfg = self.config
-        if not 0 < length <= cfg.max_len:
-            raise ValueError(f"cache length {length} must be in [1, {cfg.max_len}]")
+        if not 0 < length <= cfg.max_positions:
+            raise ValueError(f"cache length {length} must be in [1, {cfg.max_positions}]")
         layers = self.decoder.init_cache(src.shape[0], length, memory)
         return {"index": jnp.array(0, jnp.int32), "src_valid": src != 0, "layers": layers}
 

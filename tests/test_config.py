@@ -17,7 +17,7 @@ from model import TransformerConfig
             "num_encoder_layers must be a positive int for architecture='encoder_decoder', got 0",
         ),
         ({"num_decoder_layers": -1}, "num_decoder_layers must be a positive int, got -1"),
-        ({"max_len": 0}, "max_len must be a positive int, got 0"),
+        ({"max_positions": 0}, "max_positions must be a positive int, got 0"),
         ({"d_model": 2.5}, "d_model must be a positive int, got 2.5"),
         ({"d_model": 30, "num_heads": 4}, "d_model=30 must be divisible by num_heads=4"),
         ({"dropout_rate": 1.0}, r"dropout_rate must be in \[0, 1\), got 1.0"),
@@ -39,7 +39,7 @@ def test_invalid_settings_raise_value_error_naming_field_and_value(changes, mess
 
 
 def test_config_is_frozen_and_round_trips_through_a_dict():
-    cfg = TransformerConfig.big(37000, max_len=256)
+    cfg = TransformerConfig.big(37000, max_positions=256)
     with pytest.raises(AttributeError):
         cfg.d_model = 3  # type: ignore[misc]
     assert TransformerConfig.from_dict(cfg.to_dict()) == cfg

@@ -111,7 +111,12 @@ def assert_same_greedy(model, params, tokenizer, model_dir, lines):
     ours = [nbest[0][0] for nbest in project.translate(params, lines)]
     translator = ctranslate2.Translator(str(model_dir), intra_threads=THREADS)
     theirs = ct2_export.translate(
-        translator, tokenizer, lines, max_len=model.config.max_len, beam_size=1, batch_tokens=1
+        translator,
+        tokenizer,
+        lines,
+        max_positions=model.config.max_positions,
+        beam_size=1,
+        batch_tokens=1,
     )
     assert theirs == ours
 
@@ -125,7 +130,7 @@ def test_float32_export_gives_the_projects_log_probs(tiny_loaded, exported):
 def test_greedy_translations_are_the_projects(tiny_loaded, exported):
     model, params, tokenizer = tiny_loaded
     # Two padded widths (8 and the longest source) keep compilations few; empty and blank lines
-    # give empty outputs, the long line is truncated to max_len - 1 tokens by both.
+    # give empty outputs, the long line is truncated to max_positions - 1 tokens by both.
     lines = ["Jesus wept.", "God is love.", "Light", "", "   ", " ".join(["And God said"] * 30)]
     assert_same_greedy(model, params, tokenizer, exported, lines)
 
@@ -141,7 +146,10 @@ def test_quantized_export_loads_and_translates(
     translator = ctranslate2.Translator(str(out), intra_threads=THREADS)
     assert translator.compute_type.startswith(compute)  # bfloat16 runs as float32 on most CPUs
     outputs = ct2_export.translate(
-        translator, bundle.tokenizer, ["God is love.", "Jesus wept."], max_len=bundle.config.max_len
+        translator,
+        bundle.tokenizer,
+        ["God is love.", "Jesus wept."],
+        max_positions=bundle.config.max_positions,
     )
     assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs)
 
@@ -163,7 +171,7 @@ def test_pre_ln_concat_positions_and_another_epsilon_match(tiny_loaded, tmp_path
     _, _, tokenizer = tiny_loaded
     cfg = TransformerConfig.tiny(
         tokenizer.vocab_size, norm="pre", positional_encoding="concat", layer_norm_epsilon=1e-5,
-        num_decoder_layers=3, max_len=64,
+        num_decoder_layers=3, max_positions=64,
     )  # fmt: skip
     model = Transformer(cfg)
     bundle = TransformerBundle.from_params(cfg, random_params(model), tokenizer)
@@ -177,10 +185,13 @@ def test_readme_snippet_translates_with_the_export(exported):
     readme = (REPO / "README.md").read_text()
     section = re.search(r"## Translate with CTranslate2\n(.*?)\n## ", readme, re.S).group(1)
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    assert '"runs/default-ct2"' in snippet and "max_len = 256" in snippet
+    assert '"runs/default-ct2"' in snippet and "max_positions = 256" in snippet
     snippet = snippet.replace('"runs/default-ct2"', repr(str(exported)))
     scope: dict = {}
-    exec(compile(snippet.replace("max_len = 256", "max_len = 64"), "README.md", "exec"), scope)
+    exec(
+        compile(snippet.replace("max_positions = 256", "max_positions = 64"), "README.md", "exec"),
+        scope,
+    )
     assert len(scope["translations"]) == 2
     assert all(isinstance(t, str) for t in scope["translations"])
 

@@ -15,7 +15,7 @@ from tests.conftest import REPO
 
 def test_every_input_line_gets_one_output_line_in_order(tiny_loaded, tmp_path):
     model, params, tokenizer = tiny_loaded
-    long_line = " ".join(["And God said"] * 60)  # far longer than the model's max_len
+    long_line = " ".join(["And God said"] * 60)  # far longer than the model's max_positions
     lines = ["In the beginning God created the heavens.", "", long_line, "Jesus wept.", "  "]
     lines += [f"The {n} sons of Israel went out." for n in range(30)]
     src = tmp_path / "in.txt"

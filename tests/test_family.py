@@ -28,7 +28,7 @@ V = 64
 
 
 def _lm(**overrides):
-    cfg = TransformerConfig.tiny(V, architecture="decoder_only", max_len=32, **overrides)
+    cfg = TransformerConfig.tiny(V, architecture="decoder_only", max_positions=32, **overrides)
     model = DecoderOnlyLM(cfg)
     ids = jnp.asarray(np.random.default_rng(0).integers(4, V, (3, 10)), jnp.int32)
     ids = ids.at[:, 0].set(2)
@@ -36,7 +36,7 @@ def _lm(**overrides):
 
 
 def _mlm(**overrides):
-    cfg = TransformerConfig.tiny(V, architecture="encoder_only", max_len=32, **overrides)
+    cfg = TransformerConfig.tiny(V, architecture="encoder_only", max_positions=32, **overrides)
     model = EncoderOnly(cfg)
     ids = jnp.asarray(np.random.default_rng(1).integers(4, V, (3, 10)), jnp.int32)
     return model, nn.unbox(model.init(jax.random.key(0), ids)), ids

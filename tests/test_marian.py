@@ -194,7 +194,7 @@ def test_fine_tuning_an_import_lowers_the_training_loss(imported, tmp_path):
 
     cfg = opus_mt_finetune.get_config()  # on the fixture corpus, shorter and faster
     cfg.update(dict(num_train_steps=12, warmup_steps=4, cooldown_steps=0, lr_scale=0.3,
-                    tokens_per_step=1024, max_len=64, init_from=str(imported),
+                    tokens_per_step=1024, row_length=64, init_from=str(imported),
                     checkpoint_every_steps=12, **QUIET))  # fmt: skip
     # The final evaluation (dev loss, greedy BLEU) with the imported tokenizer.
     cfg.update(dict(eval_at_end=True, eval_every_steps=12, eval_sentences=8, beam_size=1))
@@ -292,6 +292,6 @@ def test_an_import_exports_to_ctranslate2(imported, tmp_path):
     print(f"CTranslate2: max |log-prob difference| {worst:.2e}")
     greedy = Translator(model, tok, SearchConfig(method="greedy"))
     expected = [nbest[0][0] for nbest in greedy.translate(bundle.params, SOURCES)]
-    got = ct2_export.translate(translator, tok, SOURCES, max_len=bundle.config.max_len,
+    got = ct2_export.translate(translator, tok, SOURCES, max_positions=bundle.config.max_positions,
                                beam_size=1, batch_tokens=1)  # fmt: skip
     assert got == expected

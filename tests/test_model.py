@@ -206,6 +206,6 @@ def test_shift_right_puts_bos_at_every_segment_start():
 
 
 def test_overlong_sequence_is_an_error():
-    _, model, variables, src, _ = _setup(max_len=16)
-    with pytest.raises(ValueError, match="length 17 exceeds TransformerConfig.max_len=16"):
+    _, model, variables, src, _ = _setup(max_positions=16)
+    with pytest.raises(ValueError, match="length 17 exceeds TransformerConfig.max_positions=16"):
         model.apply(variables, src, jnp.ones((2, 17), jnp.int32))

@@ -52,8 +52,8 @@ def segments(batch):
             )
 
 
-def example_set(pairs, tok, max_len):
-    examples, _ = encode_pairs(pairs, tok, max_len=max_len)
+def example_set(pairs, tok, row_length):
+    examples, _ = encode_pairs(pairs, tok, row_length=row_length)
     return Counter(
         (tuple(examples[i]["inputs"]), tuple(examples[i]["targets"])) for i in range(len(examples))
     )
@@ -62,18 +62,18 @@ def example_set(pairs, tok, max_len):
 def test_encode_pairs_filter_and_truncate(tok, caplog):
     data = [("ka lo mi ne su ta ri po " * 4, "de."), ("ka.", "de fa."), ("", "")]
     with caplog.at_level(logging.WARNING, logger="data.pipeline"):
-        examples, stats = encode_pairs(data, tok, max_len=8)
-    assert "dropped 1 of 3 pairs longer than max_len=8" in caplog.text
+        examples, stats = encode_pairs(data, tok, row_length=8)
+    assert "dropped 1 of 3 pairs longer than row_length=8" in caplog.text
     assert stats["filtered"] == 1 and stats["examples"] == len(examples) == 2
     assert list(examples[0]["inputs"]) == [*tok.encode("ka."), 1]
     assert list(examples[1]["inputs"]) == [1]  # An empty side is just EOS.
     assert examples[0]["inputs"].dtype == np.int32
-    examples, stats = encode_pairs(data, tok, max_len=8, overlong="truncate")
+    examples, stats = encode_pairs(data, tok, row_length=8, overlong="truncate")
     assert stats["truncated"] == 1 and len(examples) == 3
     assert list(examples[0]["inputs"]) == [*tok.encode(data[0][0])[:7], 1]
     assert stats["inputs_tokens"] == sum(len(examples[i]["inputs"]) for i in range(3))
     with pytest.raises(DataError, match="overlong"):
-        encode_pairs(data, tok, max_len=8, overlong="drop")
+        encode_pairs(data, tok, row_length=8, overlong="drop")
 
 
 def test_rows_per_step_counts_tokens_not_slots():
@@ -86,7 +86,7 @@ def test_rows_per_step_counts_tokens_not_slots():
     # The WMT layout: 25,000 tokens of rows 256 long, 95% full, on 8 devices, with and without
     # accumulation. Rounding each micro-batch up used to add rows (13 x 8 = 104 for 97.7
     # rows' worth of slots); now the total is the nearest to the real budget (102.8 rows).
-    wmt = dict(tokens_per_step=25_000, max_len=256, fill=0.95)
+    wmt = dict(tokens_per_step=25_000, row_length=256, fill=0.95)
     assert rows_per_step(**wmt, num_shards=8) == 104
     assert rows_per_step(**wmt, num_shards=1, micro_batches=8) == 13
     assert rows_per_step(**wmt, num_shards=2, micro_batches=4) == 26
@@ -96,34 +96,34 @@ def test_rows_per_step_counts_tokens_not_slots():
         assert abs(real - 25_000) <= shards * accum * 256 * 0.95 / 2, (shards, accum)
     for bad in (dict(tokens_per_step=0), dict(fill=0.0), dict(fill=1.5), dict(micro_batches=0)):
         with pytest.raises(DataError):
-            rows_per_step(**{"tokens_per_step": 1000, "max_len": 128, **bad})
+            rows_per_step(**{"tokens_per_step": 1000, "row_length": 128, **bad})
 
 
 def test_the_token_budget_is_the_real_number_of_tokens(pairs, tok):
-    max_len, budget = 32, 1200
-    fill = packing_fill(pairs, tok, max_len=max_len, seed=5)
+    row_length, budget = 32, 1200
+    fill = packing_fill(pairs, tok, row_length=row_length, seed=5)
     assert 0.6 < fill < 1.0
-    assert packing_fill(pairs, tok, max_len=max_len, seed=5) == fill  # the same on every host
-    rows = rows_per_step(budget, max_len, fill=fill)
-    ds = train_dataset(pairs, tok, max_len=max_len, rows=rows, seed=5)
+    assert packing_fill(pairs, tok, row_length=row_length, seed=5) == fill  # the same on every host
+    rows = rows_per_step(budget, row_length, fill=fill)
+    ds = train_dataset(pairs, tok, row_length=row_length, rows=rows, seed=5)
     sides = []
     for batch in take(iter(ds), ds.plan(0).num_batches):  # one whole epoch
         stats = batch_stats(batch)
         sides.append((stats["inputs_tokens"] + stats["targets_tokens"]) / 2)
     # The average real tokens per side per step, within a row's worth of the budget (the
-    # slot count, rows * max_len, is 1/fill times larger).
-    assert abs(np.mean(sides) - budget) <= fill * max_len
-    assert abs(packing_fill(pairs, tok, max_len=max_len, seed=5, sample=300) - fill) < 0.03
+    # slot count, rows * row_length, is 1/fill times larger).
+    assert abs(np.mean(sides) - budget) <= fill * row_length
+    assert abs(packing_fill(pairs, tok, row_length=row_length, seed=5, sample=300) - fill) < 0.03
 
 
 def test_batches_are_well_formed_packed_examples(pairs, tok):
-    max_len, rows = 32, 8
-    known = example_set(pairs, tok, max_len)
-    it = iter(train_dataset(pairs, tok, max_len=max_len, rows=rows, seed=3))
+    row_length, rows = 32, 8
+    known = example_set(pairs, tok, row_length)
+    it = iter(train_dataset(pairs, tok, row_length=row_length, rows=rows, seed=3))
     for batch in take(it, 5):
         assert set(batch) == KEYS
         for v in batch.values():
-            assert v.shape == (rows, max_len) and v.dtype == np.int32
+            assert v.shape == (rows, row_length) and v.dtype == np.int32
         for k in ("inputs", "targets"):
             seg, pos, ids = (batch[f"{k}{s}"] for s in ("_segmentation", "_position", ""))
             for r in range(rows):
@@ -144,7 +144,7 @@ def test_batches_are_well_formed_packed_examples(pairs, tok):
 
 
 def test_an_epoch_uses_each_example_at_most_once(pairs, tok):
-    ds = train_dataset(pairs, tok, max_len=32, rows=4, seed=0, num_epochs=1)
+    ds = train_dataset(pairs, tok, row_length=32, rows=4, seed=0, num_epochs=1)
     seen = Counter(ex for batch in ds for ex in segments(batch))
     known = example_set(pairs, tok, 32)
     assert not seen - known  # Nothing invented, nothing repeated beyond the corpus.
@@ -154,13 +154,13 @@ def test_an_epoch_uses_each_example_at_most_once(pairs, tok):
 
 def test_same_seed_same_batches_and_epochs_differ(pairs, tok):
     def first_batches(seed, n=6):
-        return take(iter(train_dataset(pairs, tok, max_len=32, rows=8, seed=seed)), n)
+        return take(iter(train_dataset(pairs, tok, row_length=32, rows=8, seed=seed)), n)
 
     a, b, c = first_batches(0), first_batches(0), first_batches(1)
     for x, y in zip(a, b, strict=True):
         assert all(np.array_equal(x[k], y[k]) for k in KEYS)
     assert not np.array_equal(a[0]["inputs"], c[0]["inputs"])
-    ds = train_dataset(pairs, tok, max_len=32, rows=8, seed=0)
+    ds = train_dataset(pairs, tok, row_length=32, rows=8, seed=0)
     p0, p1 = ds.plan(0), ds.plan(1)
     assert not np.array_equal(p0.example[: len(p1.example)], p1.example[: len(p0.example)])
 
@@ -168,11 +168,11 @@ def test_same_seed_same_batches_and_epochs_differ(pairs, tok):
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_resumed_iterator_yields_the_same_batches(pairs, tok, prefetch):
     def make():
-        ds = train_dataset(pairs, tok, max_len=32, rows=8, seed=5, prefetch=prefetch)
+        ds = train_dataset(pairs, tok, row_length=32, rows=8, seed=5, prefetch=prefetch)
         return iter(ds)
 
     reference = make()
-    per_epoch = train_dataset(pairs, tok, max_len=32, rows=8, seed=5).plan(0).num_batches
+    per_epoch = train_dataset(pairs, tok, row_length=32, rows=8, seed=5).plan(0).num_batches
     states, batches = [], []
     for _ in range(2 * per_epoch + 3):  # Crosses two epoch boundaries.
         states.append(reference.get_state())
@@ -191,7 +191,13 @@ def test_process_shards_are_disjoint_and_cover_everything(pairs, tok):
         Counter(
             ex
             for batch in train_dataset(
-                pairs, tok, max_len=32, rows=1, num_epochs=1, process_index=i, process_count=count
+                pairs,
+                tok,
+                row_length=32,
+                rows=1,
+                num_epochs=1,
+                process_index=i,
+                process_count=count,
             )
             for ex in segments(batch)
         )
@@ -205,11 +211,11 @@ def test_process_shards_are_disjoint_and_cover_everything(pairs, tok):
 
 def test_train_dataset_errors(pairs, tok):
     with pytest.raises(DataError, match="process_index"):
-        train_dataset(pairs, tok, max_len=32, rows=4, process_index=2, process_count=2)
+        train_dataset(pairs, tok, row_length=32, rows=4, process_index=2, process_count=2)
     with pytest.raises(DataError, match="no training examples"):
-        train_dataset(pairs, tok, max_len=2, rows=4)
+        train_dataset(pairs, tok, row_length=2, rows=4)
     with pytest.raises(DataError, match="fewer than one batch"):
-        next(iter(train_dataset(pairs[:5], tok, max_len=32, rows=100)))
+        next(iter(train_dataset(pairs[:5], tok, row_length=32, rows=100)))
 
 
 def test_batch_stats():
@@ -225,8 +231,10 @@ def test_packing_efficiency_on_the_tiny_corpus(tiny_corpus, tmp_path):
     bible = ParallelText(tiny_corpus / "train.en", tiny_corpus / "train.es")
     tok = train_tokenizer(bible, tmp_path / "t.model", vocab_size=1000)
     # Verses of at most 25 words: rows of 64 leave more room unfilled than rows of 128.
-    for max_len, floor in ((64, 0.85), (128, 0.9)):
-        ds = train_dataset(bible, tok, max_len=max_len, rows=rows_per_step(25_000, max_len))
+    for row_length, floor in ((64, 0.85), (128, 0.9)):
+        ds = train_dataset(
+            bible, tok, row_length=row_length, rows=rows_per_step(25_000, row_length)
+        )
         assert ds.plan(0).efficiency >= floor
         for batch in take(iter(ds), 3):
             assert batch_stats(batch)["efficiency"] >= floor
@@ -235,21 +243,21 @@ def test_packing_efficiency_on_the_tiny_corpus(tiny_corpus, tmp_path):
 def test_padded_batches_lose_and_reorder_nothing(tok, caplog):
     sources = [text for pair in synthetic_pairs(150, seed=9, max_words=30) for text in pair]
     sources[3] = sources[40] = ""
-    sources[7] = "ka lo mi " * 40  # Far over max_len.
+    sources[7] = "ka lo mi " * 40  # Far over row_length.
     targets = sources[::-1]
-    max_len, budget = 48, 200
+    row_length, budget = 48, 200
     with caplog.at_level(logging.WARNING, logger="data.eval_batches"):
         batches = padded_batches(
             sources,
             tok,
-            max_len=max_len,
+            max_tokens=row_length,
             tokens_per_batch=budget,
             targets=targets,
             row_multiple=2,
             fixed_rows=True,
         )
     assert "truncated" in caplog.text
-    truncated = sum(len(tok.encode(s)) + 1 > max_len for s in sources)
+    truncated = sum(len(tok.encode(s)) + 1 > row_length for s in sources)
     assert truncated >= 1 and f"truncated {truncated} of {len(sources)} sources" in caplog.text
     index = np.concatenate([b["index"] for b in batches])
     assert sorted(index[index >= 0]) == list(range(len(sources)))
@@ -259,7 +267,7 @@ def test_padded_batches_lose_and_reorder_nothing(tok, caplog):
         row_lengths = np.count_nonzero(b["inputs"] | b["targets"], axis=1)[b["index"] >= 0]
         lengths.setdefault(b["inputs"].shape[1], []).extend(row_lengths)
         rows, width = b["inputs"].shape
-        assert width in default_buckets(max_len) and b["targets"].shape == (rows, width)
+        assert width in default_buckets(row_length) and b["targets"].shape == (rows, width)
         assert rows % 2 == 0 and (rows * width <= budget or rows == 2)
         assert shapes.setdefault(width, rows) == rows  # One shape per bucket.
         for r, i in enumerate(b["index"]):
@@ -267,7 +275,7 @@ def test_padded_batches_lose_and_reorder_nothing(tok, caplog):
                 assert not b["inputs"][r].any() and not b["targets"][r].any()
                 continue
             for k, texts in (("inputs", sources), ("targets", targets)):
-                want = [*tok.encode(texts[i])[: max_len - 1], 1]
+                want = [*tok.encode(texts[i])[: row_length - 1], 1]
                 assert list(b[k][r][: len(want)]) == want and not b[k][r][len(want) :].any()
     widths = sorted(lengths)
     for narrower, wider in zip(widths, widths[1:], strict=False):
@@ -277,7 +285,7 @@ def test_padded_batches_lose_and_reorder_nothing(tok, caplog):
     outputs = [tok.decode_batch(b["inputs"]) for b in batches]
     restored = restore_order([b["index"] for b in batches], outputs, len(sources))
     for i, text in enumerate(restored):
-        assert text == (tok.decode(tok.encode(sources[i])[: max_len - 1]))
+        assert text == (tok.decode(tok.encode(sources[i])[: row_length - 1]))
     assert restored[3] == "" and restored[0] == sources[0]
 
 
@@ -286,18 +294,18 @@ def test_padded_batches_can_leave_out_over_long_pairs_as_training_does(tok, capl
     targets = ["de.", "fa gu.", "ve la " * 40, "so ni.", "ka."]
     with caplog.at_level(logging.WARNING, logger="data.eval_batches"):
         batches = padded_batches(
-            sources, tok, max_len=16, tokens_per_batch=64, targets=targets, overlong="filter"
+            sources, tok, max_tokens=16, tokens_per_batch=64, targets=targets, overlong="filter"
         )
     index = np.concatenate([b["index"] for b in batches])
     assert sorted(index[index >= 0]) == [0, 3, 4]  # pairs 1 and 2 have a side over 16 tokens
     assert "left out 1 of 5 sources" in caplog.text and "left out 1 of 5 targets" in caplog.text
-    kept = encode_pairs(list(zip(sources, targets, strict=True)), tok, max_len=16)[0]
+    kept = encode_pairs(list(zip(sources, targets, strict=True)), tok, row_length=16)[0]
     assert len(kept) == 3  # exactly the pairs training keeps
     # Decoding keeps truncating: every input gets an output.
-    batches = padded_batches(sources, tok, max_len=16, tokens_per_batch=64, targets=targets)
+    batches = padded_batches(sources, tok, max_tokens=16, tokens_per_batch=64, targets=targets)
     assert sum(int((b["index"] >= 0).sum()) for b in batches) == 5
     with pytest.raises(DataError, match="overlong='drop'"):
-        padded_batches(sources, tok, max_len=16, tokens_per_batch=64, overlong="drop")
+        padded_batches(sources, tok, max_tokens=16, tokens_per_batch=64, overlong="drop")
 
 
 def test_dev_loss_leaves_out_what_training_leaves_out(tok):
@@ -309,10 +317,10 @@ def test_dev_loss_leaves_out_what_training_leaves_out(tok):
 
     dev = [("ka lo.", "de."), ("mi " * 40, "fa."), ("ne su.", "so ni.")]
     config = ml_collections.ConfigDict(
-        dict(max_len=16, eval_tokens_per_batch=64, eval_sentences=0, beam_size=1, alpha=0.6,
+        dict(row_length=16, eval_tokens_per_batch=64, eval_sentences=0, beam_size=1, alpha=0.6,
              num_samples=0, overlong="filter")
     )  # fmt: skip
-    model = Transformer(TransformerConfig.tiny(tok.vocab_size, max_len=16))
+    model = Transformer(TransformerConfig.tiny(tok.vocab_size, max_positions=16))
     mesh = make_mesh(devices=jax.devices()[:1])
     for overlong, expected in (("filter", [0, 2]), ("truncate", [0, 1, 2])):
         config.overlong = overlong
@@ -325,16 +333,16 @@ def test_padded_batches_without_targets_or_fixed_rows(tok):
     sources = ["ka lo.", "mi ne su ta ri po.", "de.", "ka lo mi ne su ta ri po de fa gu ve."]
     lengths = [len(tok.encode(s)) + 1 for s in sources]
     assert max(lengths[:3]) <= 8 < lengths[3] <= 16
-    batches = padded_batches(sources, tok, max_len=16, tokens_per_batch=32)
+    batches = padded_batches(sources, tok, max_tokens=16, tokens_per_batch=32)
     assert all(set(b) == {"inputs", "index"} for b in batches)
     # Shortest first; no filler rows, so the last batch of a bucket may have fewer rows.
     assert [b["inputs"].shape for b in batches] == [(3, 8), (1, 16)]
     assert [list(b["index"]) for b in batches] == [list(np.argsort(lengths[:3])), [3]]
-    batches = padded_batches(["ka lo."], tok, max_len=16, tokens_per_batch=32, fixed_rows=True)
+    batches = padded_batches(["ka lo."], tok, max_tokens=16, tokens_per_batch=32, fixed_rows=True)
     assert list(batches[0]["index"]) == [0, -1, -1, -1]
-    assert padded_batches([], tok, max_len=16, tokens_per_batch=64) == []
+    assert padded_batches([], tok, max_tokens=16, tokens_per_batch=64) == []
     with pytest.raises(DataError, match="4 sources but 2 targets"):
-        padded_batches(sources, tok, max_len=16, tokens_per_batch=64, targets=["a", "b"])
+        padded_batches(sources, tok, max_tokens=16, tokens_per_batch=64, targets=["a", "b"])
 
 
 def test_restore_order_detects_missing_and_duplicate_outputs():
@@ -352,7 +360,7 @@ def test_restore_order_detects_missing_and_duplicate_outputs():
 
 
 def test_state_from_other_data_is_rejected(pairs, tok):
-    it = iter(train_dataset(pairs, tok, max_len=32, rows=8))
+    it = iter(train_dataset(pairs, tok, row_length=32, rows=8))
     it.set_state({"epoch": 0, "batch": 10_000})
     with pytest.raises(DataError, match="past the"):
         next(it)

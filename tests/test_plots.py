@@ -89,7 +89,7 @@ def test_command_line_writes_pngs(tmp_path):
     write_metrics(tmp_path / "metrics.jsonl")
     commands = {
         "curves.png": ["curves", f"--workdir={tmp_path}"],
-        "positions.png": ["positions", "--max_len=40", "--d_model=32"],
+        "positions.png": ["positions", "--num_positions=40", "--d_model=32"],
         "schedule.png": ["schedule", "--d_model=512", "--warmup=4000", "--steps=10000"],
     }
     for name, args in commands.items():

@@ -10,7 +10,7 @@ from model import Transformer, TransformerConfig, attention_maps, make_mesh, use
 from model.sharding import batch_sharding, logical_to_sharding
 from training.step import token_losses
 
-CFG = TransformerConfig.tiny(64, num_encoder_layers=3, num_decoder_layers=2, max_len=32)
+CFG = TransformerConfig.tiny(64, num_encoder_layers=3, num_decoder_layers=2, max_positions=32)
 
 
 def batch(seed=0):

@@ -13,7 +13,7 @@ LINES = [
     "In the beginning God created the heavens and the earth.",
     "",
     "Jesus wept.",
-    " ".join(["And God said, let there be light"] * 12),  # truncated to the model's max_len
+    " ".join(["And God said, let there be light"] * 12),  # truncated to the model's max_positions
     "The Lord is my shepherd; I shall lack nothing.",
     *[f"The {n} sons of Israel went out of Egypt with {n + 1} sheep." for n in range(23)],
     "Amen.",
@@ -78,7 +78,7 @@ def test_translator_equals_the_plain_uncached_search(tiny_loaded, search):
 def test_decoding_batches_have_few_shapes_and_keep_every_sentence(tiny_loaded):
     _, _, tokenizer = tiny_loaded
     lines = [" ".join(["word"] * (n % 37)) for n in range(500)]
-    batches = decoding_batches(lines, tokenizer, max_len=64, tokens_per_batch=512)
+    batches = decoding_batches(lines, tokenizer, max_tokens=64, tokens_per_batch=512)
     widths = sorted({b["inputs"].shape[1] for b in batches})
     shapes = {b["inputs"].shape for b in batches}
     assert len(shapes) <= len(widths) + 1  # one shape per width, plus the last batch

@@ -206,7 +206,10 @@ def _check_fits(
         if saved is None:
             raise _Damaged(f"item {name!r} is missing")
         problems += [f"{name}: {line}" for line in tree_differences(saved, getattr(abstract, name))]
-    if batch is not None and meta.get("batch") not in (None, batch):
+    saved_batch = meta.get("batch")
+    if isinstance(saved_batch, dict) and "max_len" in saved_batch:  # the name until row_length
+        saved_batch = {("row_length" if k == "max_len" else k): v for k, v in saved_batch.items()}
+    if batch is not None and saved_batch not in (None, batch):
         problems.append(
             f"batches: saved with {meta['batch']}, now {batch} (its input position would "
             "point at other examples)"

@@ -40,7 +40,7 @@ class Evaluator:
             sources,
             tokenizer,
             targets=references,
-            max_len=config.max_len,
+            max_tokens=config.row_length,
             tokens_per_batch=config.eval_tokens_per_batch,
             row_multiple=shards,
             # Pairs training would leave out are left out here too: truncating a reference

@@ -78,9 +78,10 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> Run:
         model_cfg = resume.source_model_config(config, source)
     else:
         model_cfg = model_config(config, tokenizer.vocab_size)
-    if config.max_len > model_cfg.max_len:
+    if config.row_length > model_cfg.max_positions:
         raise ValueError(
-            f"config.max_len={config.max_len} exceeds the model's max_len={model_cfg.max_len}"
+            f"config.row_length={config.row_length} exceeds the model's max_positions="
+            f"{model_cfg.max_positions}"
         )
     workdirs.check_model_config(workdir, model_cfg)
     model = workdirs.build_model(model_cfg)
@@ -90,7 +91,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> Run:
     dataset = data.train_dataset(
         train_pairs,
         tokenizer,
-        max_len=config.max_len,
+        row_length=config.row_length,
         rows=rows // jax.process_count(),
         seed=config.seed,
         overlong=config.overlong,
@@ -137,7 +138,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> Run:
         best_mngr=best_mngr,
         writer=MetricsWriter(workdir, plan.num_train_steps, int(state.step)),
         clock=Stopwatch(meta.get("elapsed_s", 0.0)),
-        flops=train_flops_per_step(model_cfg, rows * config.grad_accum_steps, config.max_len),
+        flops=train_flops_per_step(model_cfg, rows * config.grad_accum_steps, config.row_length),
         best_score=best_score,
         batch=batch,
         plan=plan,
@@ -155,28 +156,32 @@ def _batch_layout(config, train_pairs, tokenizer, mesh) -> tuple[int, dict]:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     accum = config.grad_accum_steps
     fill = data.packing_fill(
-        train_pairs, tokenizer, max_len=config.max_len, overlong=config.overlong, seed=config.seed
+        train_pairs,
+        tokenizer,
+        row_length=config.row_length,
+        overlong=config.overlong,
+        seed=config.seed,
     )
     rows = data.rows_per_step(
-        config.tokens_per_step, config.max_len, shards, fill=fill, micro_batches=accum
+        config.tokens_per_step, config.row_length, shards, fill=fill, micro_batches=accum
     )
     if rows % jax.process_count():
         raise ValueError(
             f"{rows} rows per micro-batch do not split over {jax.process_count()} hosts"
         )
-    real = accum * rows * config.max_len * fill
+    real = accum * rows * config.row_length * fill
     log.info(
         "batches: %d x %d rows of %d per step, packed %.1f%% full: about %s real tokens per "
         "side (tokens_per_step=%s)",
-        accum, rows, config.max_len, 100 * fill, f"{real:,.0f}", f"{config.tokens_per_step:,}",
+        accum, rows, config.row_length, 100 * fill, f"{real:,.0f}", f"{config.tokens_per_step:,}",
     )  # fmt: skip
     if abs(real / config.tokens_per_step - 1) > 0.1:
         log.warning(
             "the nearest batch layout holds %.0f%% of tokens_per_step: a step's rows are a "
             "multiple of %d (devices x micro-batches) of about %.0f tokens each",
-            100 * real / config.tokens_per_step, shards * accum, config.max_len * fill,
+            100 * real / config.tokens_per_step, shards * accum, config.row_length * fill,
         )  # fmt: skip
-    layout = {"rows": rows, "micro_batches": accum, "max_len": config.max_len}
+    layout = {"rows": rows, "micro_batches": accum, "row_length": config.row_length}
     return rows, layout
 
 
