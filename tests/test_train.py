@@ -19,7 +19,7 @@ import pytest
 import training.loop
 import training.step
 from configs.tiny import get_config
-from model import Transformer, TransformerConfig, make_mesh, use_mesh
+from model import Transformer, TransformerConfig, build_model, make_mesh, use_mesh
 from tests.conftest import REPO
 from training import checkpoints
 from training.average import average_checkpoints
@@ -168,9 +168,10 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(
     assert checkpoints.resolve(tmp_path) == ("checkpoints", 4)
 
 
-def test_losses_agree_on_every_mesh_shape():
-    cfg = TransformerConfig.tiny(64, num_heads=8)
-    model = Transformer(cfg)
+@pytest.mark.parametrize("architecture", ["encoder_decoder", "decoder_only", "encoder_only"])
+def test_losses_agree_on_every_mesh_shape(architecture):
+    cfg = TransformerConfig.tiny(64, num_heads=8, architecture=architecture)
+    model = build_model(cfg)
     tx, schedule = make_optimizer(optimizer_config(grad_clip_norm=1.0), cfg.d_model)
     rng = np.random.default_rng(0)
     batches = [
