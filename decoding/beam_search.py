@@ -78,9 +78,9 @@ def beam_search(
       n_best: at most W, how many hypotheses to return per sentence, static.
 
     Returns:
-      ``(sequences [B, N, T] int32, scores [B, N] float32)``, best first. Sequences end with
+      ``(sequences [B, n_best, T] int32, scores [B, n_best] float32)``, best first. Sequences end with
       EOS, then 0s. Scores are ``log P(y | x) / lp(n)`` as above; where a sentence has fewer
-      than N possible outputs (a tiny limit and vocabulary) the missing ones have score -inf
+      than n_best possible outputs (a tiny limit and vocabulary) the missing ones have score -inf
       and no tokens.
     """
     if not 1 <= n_best <= beam_size:
