@@ -11,7 +11,7 @@ directory, then both engines translate the whole file, passes interleaved, media
   ``--ct2_worker``: load the export and the tokenizer, translate, write the file), each a child
   process timed from start to exit; its peak RSS is that child's own (``os.wait4``).
 * compiled: in this process, the project's ``Translator.translate`` and CTranslate2's
-  ``translate_batch`` (``interop.ctranslate2.translate``, ``intra_threads`` = the usable cores)
+  ``translate_batch`` (``interop.ctranslate2_run.translate``, ``intra_threads`` = the usable cores)
   on all lines, after one warm-up pass each. The project's compile time is its first pass
   minus its median pass (the same difference for CTranslate2 is its warm-up overhead).
 
@@ -62,7 +62,7 @@ def ct2_worker(args) -> None:
     import ctranslate2
 
     from data.tokenizer import Tokenizer
-    from interop.ctranslate2 import translate
+    from interop.ctranslate2_run import translate
 
     max_positions = json.loads((Path(args.workdir) / "model_config.json").read_text())[
         "max_positions"
@@ -141,7 +141,8 @@ def _measure(args, tmp: Path) -> dict:
     import ctranslate2
 
     from decoding.translate import SearchConfig, Translator
-    from interop.ctranslate2 import export, translate
+    from interop.ctranslate2 import export
+    from interop.ctranslate2_run import translate
     from interop.workdir import load, read_workdir
     from model import make_mesh
 

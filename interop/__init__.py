@@ -4,8 +4,11 @@
   atomic output directories.
 * ``interop.workdir``: reads and writes a ``train.py`` workdir (its config files, tokenizer
   and checkpoints; ``build_model``, ``load``), for train.py, decode.py and convert.py.
-* ``interop.ctranslate2``: writes a CTranslate2 model directory; translates with it as
-  ``decode.py`` does (needs ``pip install -e ".[ctranslate2]"``).
+* ``interop.ctranslate2``: writes a CTranslate2 model directory (needs
+  ``pip install -e ".[ctranslate2]"``); ``interop.ctranslate2_run`` translates with it as
+  ``decode.py`` does, without JAX.
+* ``interop.marian``: reads a Hugging Face Marian (OPUS-MT) directory; ``interop.marian_export``
+  writes one.
 * ``interop.registry``: the ``KIND:PATH`` input and output kinds and ``convert``.
 """
 

@@ -10,6 +10,7 @@ optional dependency is only needed by the conversions that use it.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,14 +56,14 @@ def _read_workdir(path: str, checkpoint: str | None = None) -> TransformerBundle
     return read_workdir(path, checkpoint)
 
 
-def _marian():
+def _marian(module: str = "marian"):
+    """``interop.marian`` (the reader) or ``interop.marian_export`` (the writer)."""
     try:
         import safetensors  # noqa: F401
 
-        from interop import marian
+        return importlib.import_module(f"interop.{module}")
     except ImportError as err:
         raise ConversionError(f"marian: needs the {err.name} package: pip install -e .") from None
-    return marian
 
 
 def _workdir():
@@ -97,8 +98,8 @@ WRITERS: dict[str, Writer] = {
     "marian": Writer(
         help="a Hugging Face Marian directory (MarianMTModel / MarianTokenizer.from_pretrained)",
         options=(),
-        check=lambda path, force: _marian().check_output(path, force),
-        write=lambda bundle, path, force: _marian().write(bundle, path, force=force),
+        check=lambda path, force: _marian("marian_export").check_output(path, force),
+        write=lambda bundle, path, force: _marian("marian_export").write(bundle, path, force=force),
     ),
     "workdir": Writer(
         help="a workdir for decode.py, plots.py and train.py --config.init_from",

@@ -17,7 +17,7 @@ ctranslate2 = pytest.importorskip("ctranslate2")
 
 from data.tokenizer import EOS_ID  # noqa: E402
 from decoding.translate import SearchConfig, Translator  # noqa: E402
-from interop import ConversionError, TransformerBundle, registry  # noqa: E402
+from interop import ConversionError, TransformerBundle, ctranslate2_run, registry  # noqa: E402
 from interop import ctranslate2 as ct2_export  # noqa: E402
 from interop.workdir import read_workdir  # noqa: E402
 from model import Transformer, TransformerConfig, shift_right  # noqa: E402
@@ -110,7 +110,7 @@ def assert_same_greedy(model, params, tokenizer, model_dir, lines):
     project = Translator(model, tokenizer, SearchConfig(method="greedy"))
     ours = [nbest[0][0] for nbest in project.translate(params, lines)]
     translator = ctranslate2.Translator(str(model_dir), intra_threads=THREADS)
-    theirs = ct2_export.translate(
+    theirs = ctranslate2_run.translate(
         translator,
         tokenizer,
         lines,
@@ -145,7 +145,7 @@ def test_quantized_export_loads_and_translates(
     assert (out / "model.bin").stat().st_size < size * (exported / "model.bin").stat().st_size
     translator = ctranslate2.Translator(str(out), intra_threads=THREADS)
     assert translator.compute_type.startswith(compute)  # bfloat16 runs as float32 on most CPUs
-    outputs = ct2_export.translate(
+    outputs = ctranslate2_run.translate(
         translator,
         bundle.tokenizer,
         ["God is love.", "Jesus wept."],

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from data.marian_tokenizer import MarianTokenizer, project_to_marian  # noqa: E402
 from decoding.translate import SearchConfig, Translator  # noqa: E402
-from interop import marian  # noqa: E402
+from interop import marian, marian_export  # noqa: E402
 from interop.workdir import read_workdir  # noqa: E402
 from model import Transformer  # noqa: E402
 from tests import marian_fixture  # noqa: E402
@@ -262,14 +262,14 @@ def test_what_marian_cannot_express_is_refused(tiny_loaded, tmp_path):
         cfg = tiny_loaded[0].config.replace(**change)
         bundle = TransformerBundle.from_params(cfg, random_params(Transformer(cfg)), tokenizer)
         with pytest.raises(ConversionError, match=message):
-            marian.write(bundle, tmp_path / "x")
+            marian_export.write(bundle, tmp_path / "x")
         assert not (tmp_path / "x").exists()
 
 
 def test_an_import_exports_to_ctranslate2(imported, tmp_path):
     import ctranslate2
 
-    from interop import ctranslate2 as ct2_export
+    from interop import ctranslate2_run
 
     out = tmp_path / "ct2"
     result = run_convert(f"--input=workdir:{imported}", f"--output=ctranslate2:{out}")
@@ -292,6 +292,7 @@ def test_an_import_exports_to_ctranslate2(imported, tmp_path):
     print(f"CTranslate2: max |log-prob difference| {worst:.2e}")
     greedy = Translator(model, tok, SearchConfig(method="greedy"))
     expected = [nbest[0][0] for nbest in greedy.translate(bundle.params, SOURCES)]
-    got = ct2_export.translate(translator, tok, SOURCES, max_positions=bundle.config.max_positions,
-                               beam_size=1, batch_tokens=1)  # fmt: skip
+    got = ctranslate2_run.translate(translator, tok, SOURCES,
+                                    max_positions=bundle.config.max_positions,
+                                    beam_size=1, batch_tokens=1)  # fmt: skip
     assert got == expected
