@@ -78,10 +78,10 @@ def beam_search(
       n_best: at most W, how many hypotheses to return per sentence, static.
 
     Returns:
-      ``(sequences [B, n_best, T] int32, scores [B, n_best] float32)``, best first. Sequences end with
-      EOS, then 0s. Scores are ``log P(y | x) / lp(n)`` as above; where a sentence has fewer
-      than n_best possible outputs (a tiny limit and vocabulary) the missing ones have score -inf
-      and no tokens.
+      ``(sequences [B, n_best, T] int32, scores [B, n_best] float32)``, best first. Sequences
+      end with EOS, then 0s. Scores are ``log P(y | x) / lp(n)`` as above; where a sentence has
+      fewer than n_best possible outputs (a tiny limit and vocabulary) the missing ones have
+      score -inf and no tokens.
     """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"need 1 <= n_best <= beam_size, got {n_best=}, {beam_size=}")
