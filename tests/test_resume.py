@@ -75,13 +75,13 @@ def test_a_kill_right_after_a_new_best_checkpoint_resumes(trained, workdir, capl
     assert meta(workdir, "checkpoints", 4)["best_bleu"] == meta(workdir, "best", 3)["bleu"]
     assert losses(workdir) == losses(trained)  # steps 3 and 4 again, bitwise the same
 
-    # Should a best checkpoint's BLEU be unreadable, its step is still not written twice.
+    # Should a best checkpoint's score be unreadable, its step is still not written twice.
     shutil.rmtree(workdir / "checkpoints" / "4")
     caplog.clear()
     (workdir / "best" / "3" / "meta" / "metadata").write_text("{garbled")
     with caplog.at_level(logging.INFO, logger="train"):
         training.loop.train_and_evaluate(tiny_config(**SETTINGS), workdir)
-    assert "cannot read the BLEU of best checkpoint" in caplog.text
+    assert "cannot read the score of best checkpoint" in caplog.text
     assert "best checkpoint 3 exists already" in caplog.text
 
 
