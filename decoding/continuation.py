@@ -14,13 +14,10 @@ import logging
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from data import Tokenizer
-from decoding.beam_search import beam_search
 from decoding.model_fns import lm_decoder
-from decoding.sampling import greedy_search, sample
 from decoding.translate import SearchConfig
 from model import DecoderOnlyLM, use_mesh
 
@@ -58,23 +55,12 @@ class Continuer:
         self._run = jax.jit(self._search, static_argnames=("new_tokens",))
 
     def _search(self, params, prompts, rng, new_tokens):
-        s, tok = self.search, self.tokenizer
         length = prompts.shape[1] + new_tokens
         fn, cache, first = lm_decoder(self.model, {"params": params}, prompts, length)
-        common = dict(
-            batch_size=prompts.shape[0], bos_id=first, eos_id=tok.eos_id, max_len=new_tokens
-        )
-        if s.method == "beam":
-            return beam_search(
-                fn, cache, beam_size=s.beam_size, alpha=s.alpha, n_best=s.n_best, **common
-            )
-        if s.method == "greedy":
-            ids, _ = greedy_search(fn, cache, **common)
-        else:
-            ids, _ = sample(
-                fn, cache, rng, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, **common
-            )
-        return ids[:, None, :], jnp.zeros((ids.shape[0], 1), jnp.float32)
+        return self.search.run(
+            fn, cache, rng, batch_size=prompts.shape[0], bos_id=first,
+            eos_id=self.tokenizer.eos_id, max_len=new_tokens,
+        )  # fmt: skip
 
     def prompts(self, lines: Sequence[str]) -> list[list[int]]:
         """BOS + pieces of each line, cut to the model's positions (keeping the end) so that

@@ -64,6 +64,29 @@ class SearchConfig:
         if self.method != "beam" and self.n_best != 1:
             raise ValueError(f"n_best={self.n_best} needs method='beam'")
 
+    def run(self, tokens_to_logits, cache, rng, **common) -> tuple[jax.Array, jax.Array]:
+        """Runs this search (inside jit): ``common`` are the searches' shared arguments
+        (``batch_size``, ``bos_id``, ``eos_id``, ``max_len``, optional ``max_lengths``).
+
+        Returns:
+          ``(ids [B, n_best, T] int32, scores [B, n_best] float32)``; the scores of greedy
+          search and sampling are 0.
+        """
+        fn = tokens_to_logits
+        if self.method == "beam":
+            return beam_search(
+                fn, cache, beam_size=self.beam_size, alpha=self.alpha, n_best=self.n_best,
+                **common,
+            )  # fmt: skip
+        if self.method == "greedy":
+            ids, _ = greedy_search(fn, cache, **common)
+        else:
+            ids, _ = sample(
+                fn, cache, rng, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                **common,
+            )  # fmt: skip
+        return ids[:, None, :], jnp.zeros((ids.shape[0], 1), jnp.float32)
+
 
 class Translator:
     """Translates lists of sentences with a trained model.
@@ -96,23 +119,11 @@ class Translator:
         self._run = jax.jit(self._search, static_argnames="cache_length")
 
     def _search(self, params, src, max_lengths, rng, cache_length):
-        s, tok = self.search, self.tokenizer
         fn, cache = cached_decoder(self.model, {"params": params}, src, cache_length)
-        common = dict(
-            batch_size=src.shape[0], bos_id=tok.bos_id, eos_id=tok.eos_id, max_len=cache_length,
-            max_lengths=max_lengths,
+        return self.search.run(
+            fn, cache, rng, batch_size=src.shape[0], bos_id=self.tokenizer.bos_id,
+            eos_id=self.tokenizer.eos_id, max_len=cache_length, max_lengths=max_lengths,
         )  # fmt: skip
-        if s.method == "beam":
-            return beam_search(
-                fn, cache, beam_size=s.beam_size, alpha=s.alpha, n_best=s.n_best, **common
-            )
-        if s.method == "greedy":
-            ids, _ = greedy_search(fn, cache, **common)
-        else:
-            ids, _ = sample(
-                fn, cache, rng, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, **common
-            )
-        return ids[:, None, :], jnp.zeros((ids.shape[0], 1), jnp.float32)
 
     def batches(self, sources: Sequence[str]) -> list[dict[str, np.ndarray]]:
         """The padded, length-sorted batches ``translate`` runs on (exposed for tests)."""

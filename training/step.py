@@ -170,8 +170,9 @@ def _forward_features(model, params, batch, bos_id: int, rng):
     return y, targets
 
 
-def _sums(model, params, batch, bos_id: int, label_smoothing: float, rng):
-    """Summed smoothed loss, summed NLL and scored token count of one (packed) batch."""
+def _sums(model, params, batch, bos_id: int, label_smoothing: float, rng, *, features=False):
+    """Summed smoothed loss and ``(summed NLL, scored token count)`` of one (packed) batch;
+    with ``features``, also the final features ``[B, T, D]`` and the targets they predict."""
     y, targets = _forward_features(model, params, batch, bos_id, rng)
     embed = params["embed"]
     loss, nll = output_losses(
@@ -183,7 +184,8 @@ def _sums(model, params, batch, bos_id: int, label_smoothing: float, rng):
         model.config.compute_dtype,
     )
     weights = (targets > 0).astype(jnp.float32)
-    return jnp.sum(loss * weights), (jnp.sum(nll * weights), jnp.sum(weights))
+    sums = jnp.sum(loss * weights), (jnp.sum(nll * weights), jnp.sum(weights))
+    return (*sums, y, targets) if features else sums
 
 
 def make_train_step(
@@ -285,20 +287,17 @@ def make_eval_step(model: Transformer, *, bos_id: int, label_smoothing: float) -
     (the masked-token accuracy of an encoder-only model; next-token accuracy otherwise)."""
 
     def eval_step(params, batch):
-        y, targets = _forward_features(model, params, batch, bos_id, None)
+        loss, (nll, n), y, targets = _sums(
+            model, params, batch, bos_id, label_smoothing, None, features=True
+        )
         embed = params["embed"]
-        loss, nll = output_losses(
-            y, embed["embedding"], embed.get("logits_bias"), targets, label_smoothing,
-            model.config.compute_dtype,
-        )  # fmt: skip
-        weights = (targets > 0).astype(jnp.float32)
         logits = jnp.einsum(
             "btd,vd->btv", y, embed["embedding"].astype(y.dtype), preferred_element_type=jnp.float32
         )
         if "logits_bias" in embed:
             logits = logits + embed["logits_bias"].astype(logits.dtype)
-        correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
-        return jnp.sum(loss * weights), jnp.sum(nll * weights), jnp.sum(weights), correct
+        correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * (targets > 0))
+        return loss, nll, n, correct
 
     return eval_step
 
