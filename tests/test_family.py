@@ -20,8 +20,9 @@ from model import (
     make_mesh,
     use_mesh,
 )
+from model.encoder_only import mask_id
 from model.sharding import batch_sharding, logical_to_sharding
-from training.objectives import mask_id, mlm_mask
+from training.objectives import mlm_mask
 
 FIXTURES = Path(__file__).parent / "fixtures"
 V = 64

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from model.encoder_only import mask_id, model_vocab_size  # noqa: F401  (re-exported)
+from model.encoder_only import mask_id
 
 MLM_RATE = 0.15
 # Of the chosen tokens: the share masked, and the share replaced by a random token (the rest

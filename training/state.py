@@ -15,9 +15,9 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from model import Transformer, TransformerConfig, init_inputs
+from model.encoder_only import model_vocab_size
 from model.sharding import LOGICAL_RULES
 from training.hardware import resolve_dtype
-from training.objectives import model_vocab_size
 
 log = logging.getLogger(__name__)
 
