@@ -217,6 +217,9 @@ class Decoder(nn.Module):
     def init_cache(self, batch: int, length: int, memory: jax.Array | None = None) -> tuple:
         """One ``DecoderLayer.init_cache`` per layer: ``length`` (L) self-attention positions
         for ``batch`` rows, and the encoder-decoder keys/values of ``memory [B, S, D]``."""
+        max_positions = self.config.max_positions
+        if not 0 < length <= max_positions:
+            raise ValueError(f"cache length {length} must be in [1, {max_positions}]")
         return tuple(layer.init_cache(batch, length, memory) for layer in self._layers())
 
     def step(

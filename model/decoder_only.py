@@ -69,9 +69,6 @@ class DecoderOnlyLM(nn.Module):
     def init_cache(self, batch: int, length: int) -> dict:
         """An empty cache for ``batch`` rows of up to ``length`` (L) positions:
         ``{'index': int32 [], 'layers': ({'self': {'k', 'v': [B, H, L, K]}}, ...)}``."""
-        cfg = self.config
-        if not 0 < length <= cfg.max_positions:
-            raise ValueError(f"cache length {length} must be in [1, {cfg.max_positions}]")
         return {"index": jnp.array(0, jnp.int32), "layers": self.decoder.init_cache(batch, length)}
 
     def decode_step(self, ids: jax.Array, cache: dict) -> tuple[jax.Array, dict]:

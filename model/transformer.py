@@ -155,9 +155,6 @@ class Transformer(nn.Module):
           rows ``b * W ..`` for sentence b) and keep the rest per sentence: ``decode_step``
           reads the number of beams from the ratio.
         """
-        cfg = self.config
-        if not 0 < length <= cfg.max_positions:
-            raise ValueError(f"cache length {length} must be in [1, {cfg.max_positions}]")
         layers = self.decoder.init_cache(src.shape[0], length, memory)
         return {"index": jnp.array(0, jnp.int32), "src_valid": src != 0, "layers": layers}
 

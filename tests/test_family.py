@@ -107,6 +107,12 @@ def test_lm_cached_decoding_equals_the_full_pass(scan_layers):
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
 
 
+def test_a_cache_longer_than_the_position_table_is_refused():
+    model, variables, _ = _lm()
+    with pytest.raises(ValueError, match=r"cache length 33 must be in \[1, 32\]"):
+        model.apply(variables, 3, 33, method=DecoderOnlyLM.init_cache)
+
+
 def test_searches_drive_the_lm_through_tokens_to_logits():
     """Greedy search from a prompt equals feeding back the full pass's argmax; beam search runs
     on the same function and its best hypothesis scores at least greedy's."""
