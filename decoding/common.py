@@ -11,6 +11,12 @@ beam j of sentence b). The cache is any pytree whose leaves are one of:
   reordered (the encoder memory's keys and values: ``tokens_to_logits`` reads W from the
   ratio of rows). Reordering is a gather of every per-row byte at every step, so what need
   not follow the beams should not be per row.
+* ``Positions(array, axis)``: a per-row entry with one slot per step along ``axis`` (the
+  self-attention keys and values), empty when the search starts, slot i written by step i.
+  The searches run in phases (``while_growing``): the slots are cut to 32 at first and
+  doubled (zero-padded) whenever the steps reach their end, up to the entry's own length.
+  Attention and beam reordering read every slot at every step, so their cost follows the
+  length decoded so far instead of the longest allowed.
 """
 
 from __future__ import annotations
@@ -47,15 +53,32 @@ class PerSentence:
         return cls(*children)
 
 
+@jax.tree_util.register_pytree_node_class
+class Positions:
+    """A per-row cache entry whose ``axis`` holds one slot per step (see the module docstring)."""
+
+    def __init__(self, value, axis: int):
+        self.value, self.axis = value, axis
+
+    def tree_flatten(self):
+        return (self.value,), self.axis
+
+    @classmethod
+    def tree_unflatten(cls, axis, children):
+        return cls(children[0], axis)
+
+
 def _is_entry(x) -> bool:
-    return isinstance(x, PerSentence)
+    return isinstance(x, (PerSentence, Positions))
 
 
 def map_rows(fn: Callable[[jax.Array], jax.Array], cache: Cache) -> Cache:
-    """Applies ``fn`` to every per-row leaf (ndim >= 1); 0-d leaves and ``PerSentence`` entries
-    are kept as they are."""
+    """Applies ``fn`` to every per-row leaf (ndim >= 1, ``Positions`` included); 0-d leaves and
+    ``PerSentence`` entries are kept as they are."""
 
     def apply(x):
+        if isinstance(x, Positions):
+            return Positions(fn(x.value), x.axis)
         if isinstance(x, PerSentence) or jnp.ndim(x) == 0:
             return x
         return fn(x)
@@ -74,8 +97,61 @@ def reorder(cache: Cache, rows: jax.Array) -> Cache:
 
 
 def unwrap(cache: Cache) -> Cache:
-    """The cache with its ``PerSentence`` entries replaced by their arrays."""
+    """The cache with its ``PerSentence`` and ``Positions`` entries replaced by their arrays."""
     return jax.tree.map(lambda x: x.value if _is_entry(x) else x, cache, is_leaf=_is_entry)
+
+
+def _positions(cache: Cache) -> list[Positions]:
+    return [x for x in jax.tree.leaves(cache, is_leaf=_is_entry) if isinstance(x, Positions)]
+
+
+def resize(cache: Cache, slots: int) -> Cache:
+    """Every ``Positions`` entry cut or zero-padded to ``slots`` slots (cutting drops slots,
+    so only empty ones may be cut)."""
+
+    def apply(x):
+        if not isinstance(x, Positions):
+            return x
+        have = x.value.shape[x.axis]
+        if have >= slots:
+            return Positions(jax.lax.slice_in_dim(x.value, 0, slots, axis=x.axis), x.axis)
+        pad = [(0, 0)] * x.value.ndim
+        pad[x.axis] = (0, slots - have)
+        return Positions(jnp.pad(x.value, pad), x.axis)
+
+    return jax.tree.map(apply, cache, is_leaf=_is_entry)
+
+
+FIRST_SLOTS = 32  # The first phase's slots; long enough that short outputs never grow.
+
+
+def phase_slots(slots: int) -> list[int]:
+    """The slot counts of the phases for entries of ``slots`` slots: 32, 64, ..., ``slots``."""
+    phases, n = [], FIRST_SLOTS
+    while n < slots:
+        phases.append(n)
+        n *= 2
+    return [*phases, slots]
+
+
+def while_growing(cond: Callable, body: Callable, state: dict) -> dict:
+    """``lax.while_loop(cond, body, state)`` for a state with step ``'i'`` (0 at the start) and
+    ``'cache'``, run in phases that grow the cache's ``Positions`` entries with the steps.
+
+    Each phase is its own loop over a cache of fixed shape; it ends when ``cond`` does or when
+    step i has no slot left, and the next phase pads the slots and goes on, so the steps and
+    their results are exactly those of one loop over the full-length cache.
+    """
+    entries = _positions(state["cache"])
+    if not entries:
+        return jax.lax.while_loop(cond, body, state)
+    lengths = {x.value.shape[x.axis] for x in entries}
+    if len(lengths) != 1:
+        raise ValueError(f"Positions entries must share one length, got {sorted(lengths)}")
+    for slots in phase_slots(lengths.pop()):
+        state = {**state, "cache": resize(state["cache"], slots)}
+        state = jax.lax.while_loop(lambda s, n=slots: cond(s) & (s["i"] < n), body, state)
+    return state
 
 
 def check_cache(cache: Cache, batch_size: int) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from decoding.common import Cache, PerSentence, TokensToLogits, unwrap
+from decoding.common import Cache, PerSentence, Positions, TokensToLogits, unwrap
 from model.decoder_only import DecoderOnlyLM
 from model.transformer import Transformer
 
@@ -43,7 +43,8 @@ def cached_decoder(
     Returns:
       ``(tokens_to_logits, cache)``: ``ids [R, 1] -> logits [R, V]`` float32 (R = B x beams),
       and the cache of ``Transformer.init_cache`` with its per-sentence entries (the source
-      mask, the encoder-decoder keys/values) marked ``PerSentence`` (see ``decoding.common``).
+      mask, the encoder-decoder keys/values) marked ``PerSentence`` and its self-attention
+      keys/values ``Positions`` (see ``decoding.common``).
     """
     memory = model.apply(variables, src, method=Transformer.encode)
     cache = model.apply(variables, memory, src, cache_length, method=Transformer.init_cache)
@@ -59,7 +60,8 @@ def _mark(cache: Cache) -> Cache:
     """Marks ``Transformer.init_cache``'s entries for the searches (``decoding.common``)."""
     layers = tuple(
         {
-            "self": c["self"],  # {'k', 'v'} [R, H, L, K]: follow the beams
+            # {'k', 'v'} [R, H, L, K]: follow the beams, slot l holds step l.
+            "self": {name: Positions(x, axis=2) for name, x in c["self"].items()},
             "cross": {name: PerSentence(x) for name, x in c["cross"].items()},
         }
         for c in cache["layers"]

@@ -22,6 +22,7 @@ from decoding.common import (
     check_cache,
     length_limits,
     restrict_tokens,
+    while_growing,
 )
 
 # (logits [B, V] float32 with forbidden entries at -inf, PRNG key or None) -> ids [B] int32
@@ -165,23 +166,21 @@ def _decode(
     """
     check_cache(cache, batch_size)
     limits = length_limits(max_lengths, batch_size, max_len)
-    # state: (step i, cache, last ids [B], output [B, T], done [B], rng)
-    init = (
-        jnp.array(0, jnp.int32),
-        cache,
-        jnp.full((batch_size,), bos_id, jnp.int32),
-        jnp.zeros((batch_size, max_len), jnp.int32),
-        jnp.zeros((batch_size,), bool),
-        rng,
-    )
+    init = {
+        "i": jnp.array(0, jnp.int32),
+        "cache": cache,
+        "last": jnp.full((batch_size,), bos_id, jnp.int32),
+        "out": jnp.zeros((batch_size, max_len), jnp.int32),
+        "done": jnp.zeros((batch_size,), bool),
+        "rng": rng,
+    }
 
     def cond(state):
-        i, _, _, _, done, _ = state
-        return (i < max_len) & ~jnp.all(done)
+        return (state["i"] < max_len) & ~jnp.all(state["done"])
 
     def body(state):
-        i, cache, last, out, done, rng = state
-        logits, cache = tokens_to_logits(last[:, None], cache)
+        i, rng, done = state["i"], state["rng"], state["done"]
+        logits, cache = tokens_to_logits(state["last"][:, None], state["cache"])
         at_limit = i + 1 >= limits
         logits = restrict_tokens(logits.astype(jnp.float32), at_limit, eos_id, -jnp.inf)
         key = None
@@ -191,8 +190,9 @@ def _decode(
         # Forced outright, not only through the logits, in case the model gives EOS -inf.
         token = jnp.where(at_limit, eos_id, token)
         token = jnp.where(done, PAD_ID, token)
-        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
-        return i + 1, cache, token, out, done | (token == eos_id), rng
+        out = jax.lax.dynamic_update_slice(state["out"], token[:, None], (0, i))
+        return {"i": i + 1, "cache": cache, "last": token, "out": out,
+                "done": done | (token == eos_id), "rng": rng}  # fmt: skip
 
-    _, _, _, out, _, _ = jax.lax.while_loop(cond, body, init)
+    out = while_growing(cond, body, init)["out"]
     return out, jnp.sum(out != PAD_ID, axis=-1).astype(jnp.int32)

@@ -125,11 +125,15 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     Returns:
       ``[B, T, H, K]``, equal to ``einsum_attention``'s output up to float rounding.
     """
-    logits = jnp.einsum("bthk,bhsk->bhts", q, k, preferred_element_type=jnp.float32)
+    # Both products as plain batched matmuls over (b, h): an output layout other than the
+    # batch dims first sends XLA's CPU dot to a generic path, 2.6x slower here (measured at
+    # 64 sentences x 4 beams over 48 source positions); the transposes move only T x K.
+    q = jnp.swapaxes(q, 1, 2)  # [B, H, T, K]
+    logits = jnp.einsum("bhtk,bhsk->bhts", q, k, preferred_element_type=jnp.float32)
     logits *= jnp.asarray(q.shape[-1] ** -0.5, jnp.float32)
     logits = jnp.where(mask, logits, _large_negative(jnp.float32))
     probs = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bhts,bhsk->bthk", probs.astype(v.dtype), v)
+    return jnp.swapaxes(jnp.einsum("bhts,bhsk->bhtk", probs.astype(v.dtype), v), 1, 2)
 
 
 class MultiHeadAttention(nn.Module):

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from decoding import beam_search, greedy_search
+from decoding.beam_search import blocked_top_k
+from decoding.common import NEG_INF, Positions
 
 PAD, EOS, BOS = 0, 1, 2
 
@@ -206,3 +208,72 @@ def test_rejects_a_cache_without_batch_rows():
         beam_search(fn, cache, batch_size=3, bos_id=BOS, eos_id=EOS, max_len=4)
     with pytest.raises(ValueError, match="n_best"):
         beam_search(fn, cache, batch_size=2, bos_id=BOS, eos_id=EOS, max_len=4, n_best=5)
+
+
+@pytest.mark.parametrize("n, k", [(32000, 8), (1000, 8), (130, 2), (300, 8)])
+def test_blocked_top_k_equals_top_k_ties_included(n, k):
+    rng = np.random.default_rng(n)
+    x = np.round(rng.normal(size=(5, n)) * 2) / 2  # many ties
+    x[1] = -np.inf  # a row with nothing but -inf
+    x[2, ::7] = NEG_INF
+    x[3, -5:] = 9.0  # the best entries in the last, partial block
+    x = jnp.asarray(x, jnp.float32)
+    values, indices = jax.jit(blocked_top_k, static_argnums=1)(x, k)
+    expected = jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(values, expected[0])
+    np.testing.assert_array_equal(indices, expected[1])
+
+
+def history_chain(tables, rows, length, positions):
+    """``chain`` whose logits also depend on every earlier token, kept in a ``[R, length]``
+    history (slot i = step i's input), marked ``Positions`` when ``positions``."""
+    tables = jnp.asarray(tables, jnp.float32)
+    weights = jnp.arange(1, length + 1, dtype=jnp.int32)  # integer sums: exact in any order
+
+    def tokens_to_logits(ids, cache):
+        hist = cache["hist"].value if positions else cache["hist"]
+        hist = jax.lax.dynamic_update_slice(hist, ids, (0, cache["index"]))
+        past = jnp.sum(weights[: hist.shape[1]] * hist, axis=1)  # zero-padded slots add 0
+        vocab = jnp.arange(1, tables.shape[-1] + 1, dtype=jnp.float32)
+        logits = tables[cache["row"], ids[:, 0]] + jnp.sin(past[:, None] * vocab)
+        return logits, {
+            "index": cache["index"] + 1,
+            "row": cache["row"],
+            "hist": Positions(hist, axis=1) if positions else hist,
+        }
+
+    rows = jnp.asarray(rows, jnp.int32)
+    hist = jnp.zeros((rows.shape[0], length), jnp.int32)
+    return tokens_to_logits, {
+        "index": jnp.array(0, jnp.int32),
+        "row": rows,
+        "hist": Positions(hist, axis=1) if positions else hist,
+    }
+
+
+def test_growing_the_cache_in_phases_changes_nothing():
+    length = 80  # phases of 32, 64 and 80 slots
+    rng = np.random.default_rng(3)
+    tables = np.log(rng.dirichlet(np.full(7, 0.5), size=(4, 7)))
+    tables[..., EOS] -= 4.0  # long outputs, so that the steps cross both phase ends
+    outputs = {}
+    for positions in (False, True):
+
+        def run(tables, positions=positions):
+            fn, cache = history_chain(tables, np.arange(4), length, positions)
+            kw = dict(batch_size=4, bos_id=BOS, eos_id=EOS, max_len=length)
+            limits = jnp.array([80, 70, 40, 33])
+            return (
+                beam_search(fn, cache, **kw, max_lengths=limits, n_best=2),
+                greedy_search(fn, cache, **kw, max_lengths=limits),
+            )
+
+        outputs[positions] = jax.jit(run)(tables)
+        loops = str(jax.make_jaxpr(run)(tables)).count("while[")
+        assert loops == (6 if positions else 2)  # three phases for each search
+    (beam, greedy), (beam_grown, greedy_grown) = outputs[False], outputs[True]
+    np.testing.assert_array_equal(beam[0], beam_grown[0])
+    np.testing.assert_array_equal(beam[1], beam_grown[1])
+    np.testing.assert_array_equal(greedy[0], greedy_grown[0])
+    lengths = (np.asarray(beam[0][:, 0]) != PAD).sum(-1)
+    assert lengths.max() > 64 and lengths.min() <= 33, lengths

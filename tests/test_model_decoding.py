@@ -89,3 +89,24 @@ def test_beam_search_is_the_same_with_and_without_cache(outputs):
     check_padded_after_eos(seqs)
     assert np.all(np.isfinite(scores)) and np.all(scores[:, 0] >= scores[:, 1])
     assert np.all((np.asarray(seqs) != PAD).sum(-1) <= np.asarray(LIMITS)[:, None])
+
+
+def test_long_outputs_across_cache_phases_are_the_same_with_and_without_cache(setup):
+    """A cache of 80 positions grows in phases of 32, 64 and 80 (``decoding.common``); a random
+    model rarely stops, so its outputs run through all three."""
+    model, variables, src = setup
+    length, limits = 80, jnp.array([80, 70, 40, 20])
+
+    @functools.partial(jax.jit, static_argnames="adapter")
+    def run(adapter, variables, src):
+        fn, cache = ADAPTERS[adapter](model, variables, src, length)
+        common = dict(batch_size=4, bos_id=BOS, eos_id=EOS, max_len=length, max_lengths=limits)
+        return greedy_search(fn, cache, **common)[0], beam_search(fn, cache, **common, n_best=2)
+
+    (greedy, (seqs, scores)), (greedy_ref, (seqs_ref, scores_ref)) = (
+        run(adapter, variables, src) for adapter in ("cached", "uncached")
+    )
+    np.testing.assert_array_equal(greedy, greedy_ref)
+    np.testing.assert_array_equal(seqs, seqs_ref)
+    np.testing.assert_allclose(scores, scores_ref, atol=1e-5)
+    assert (np.asarray(seqs[:, 0]) != PAD).sum(-1).max() > 64
