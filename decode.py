@@ -4,7 +4,7 @@ line): one output line per input line, in order.
     python decode.py --workdir=DIR --input=FILE|- --output=FILE|- \
         [--checkpoint=latest|best|averaged|STEP] [--beam_size=4 --alpha=0.6 --n_best=1] \
         [--method=beam|greedy|sample --temperature=1 --top_k=0 --top_p=1 --seed=0] \
-        [--batch_tokens=4096] [--reference=FILE] [--scores] [--attention_plot=FILE.png]
+        [--batch_tokens=0] [--reference=FILE] [--scores] [--attention_plot=FILE.png]
 
 Input is read in chunks of ``--chunk_lines`` lines; each chunk is sorted by length into
 token-budget batches, translated, put back in order and written (and flushed) before the next
@@ -106,13 +106,13 @@ def main(argv):
             if f.attention_plot or f.reference:
                 raise app.UsageError("--attention_plot and --reference are for translation")
             continuer = Continuer(
-                model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens
+                model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens or 4096
             )
             translate_file(continuer.continue_lines, params, f.input, f.output, f.chunk_lines,
                            f.scores)  # fmt: skip
             return
         translator = Translator(
-            model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens
+            model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens or None
         )
         hypotheses = translate_file(
             translator.translate, params, f.input, f.output, f.chunk_lines, f.scores
@@ -185,7 +185,10 @@ def define_flags() -> None:
         f"(default {search.extra_len}). Translation: the output may be this much longer than "
         f"the source (default {search.extra_len}, the paper's).",
     )  # fmt: skip
-    flags.DEFINE_integer("batch_tokens", 4096, "Source tokens per batch (rows x padded width).")
+    flags.DEFINE_integer(
+        "batch_tokens", 0, "Source tokens per batch (rows x padded width); 0: 2,048 on CPU and "
+        "4,096 on accelerators when translating, 4,096 prompt + new tokens when continuing.",
+    )  # fmt: skip
     flags.DEFINE_integer("chunk_lines", 10_000, "Lines read, sorted and written at a time.")
     flags.DEFINE_bool("scores", False, "Write each hypothesis's score before it.")
     flags.DEFINE_string(

@@ -1,7 +1,7 @@
 """Translating a file: ``decode.py`` against a CTranslate2 export of the same checkpoint.
 
     python -m bench.decode_vs_ctranslate2 --workdir=DIR --input=FILE [--reference=FILE] \
-        [--checkpoint=latest] [--beam_size=4] [--alpha=0.6] [--passes=3] [--batch_tokens=4096] \
+        [--checkpoint=latest] [--beam_size=4] [--alpha=0.6] [--passes=3] [--batch_tokens=0] \
         [--ct2_threads=0]
 
 Needs ``pip install -e ".[ctranslate2]"``. The checkpoint is exported (float32) to a temporary
@@ -40,6 +40,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINES = ("decode.py", "ctranslate2")
+CT2_BATCH_TOKENS = 4096  # interop.ctranslate2_run.translate's default
 
 
 def read_lines(path: str | Path) -> list[str]:
@@ -64,15 +65,15 @@ def ct2_worker(args) -> None:
     from data.tokenizer import Tokenizer
     from interop.ctranslate2_run import translate
 
-    max_positions = json.loads((Path(args.workdir) / "model_config.json").read_text())[
-        "max_positions"
-    ]
+    fields = json.loads((Path(args.workdir) / "model_config.json").read_text())
+    # Workdirs written before the field's rename call it max_len (model.config._RENAMED).
+    max_positions = fields["max_positions"] if "max_positions" in fields else fields["max_len"]
     tokenizer = Tokenizer.load(Path(args.model) / "tokenizer.model")
     translator = ctranslate2.Translator(args.model, device="cpu", intra_threads=args.ct2_threads)
     outputs = translate(
         translator, tokenizer, read_lines(args.input), max_positions=max_positions,
         beam_size=args.beam_size, alpha=args.alpha, extra_len=args.extra_len,
-        batch_tokens=args.batch_tokens,
+        batch_tokens=args.batch_tokens or CT2_BATCH_TOKENS,
     )  # fmt: skip
     Path(args.output).write_text("".join(o + "\n" for o in outputs), encoding="utf-8")
 
@@ -125,7 +126,7 @@ def whole_run_commands(args, model_dir: Path, tmp: Path) -> dict[str, tuple[list
         sys.executable, "-m", "bench.decode_vs_ctranslate2", "--ct2_worker",
         f"--model={model_dir}", f"--workdir={args.workdir}", f"--input={args.input}",
         f"--output={ct2_out}", f"--ct2_threads={args.ct2_threads}",
-        f"--batch_tokens={args.batch_tokens}",
+        f"--batch_tokens={args.batch_tokens or CT2_BATCH_TOKENS}",
         *search,
     ]  # fmt: skip
     return {"decode.py": (project, project_out), "ctranslate2": (ct2, ct2_out)}
@@ -168,13 +169,16 @@ def _measure(args, tmp: Path) -> dict:
     model, params, _ = load(args.workdir, args.checkpoint, mesh)
     method = "greedy" if args.beam_size == 1 else "beam"
     search = SearchConfig(method=method, beam_size=args.beam_size, alpha=args.alpha)
-    project = Translator(model, tokenizer, search, mesh=mesh, tokens_per_batch=args.batch_tokens)
+    project = Translator(
+        model, tokenizer, search, mesh=mesh, tokens_per_batch=args.batch_tokens or None
+    )
     ct2 = ctranslate2.Translator(str(model_dir), device="cpu", intra_threads=args.ct2_threads)
     run = {
         "decode.py": lambda: [nbest[0][0] for nbest in project.translate(params, sources)],
         "ctranslate2": lambda: translate(
             ct2, tokenizer, sources, max_positions=max_positions, beam_size=args.beam_size,
-            alpha=args.alpha, extra_len=args.extra_len, batch_tokens=args.batch_tokens,
+            alpha=args.alpha, extra_len=args.extra_len,
+            batch_tokens=args.batch_tokens or CT2_BATCH_TOKENS,
         ),
     }  # fmt: skip
     for p in range(args.passes + 1):  # Pass 0 is the warm-up (and the project's compilation).
@@ -249,7 +253,11 @@ def parse_args(argv=None):
     parser.add_argument("--alpha", type=float, help="length penalty exponent")
     parser.add_argument("--extra_len", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--passes", type=int, default=3, help="timed passes per engine")
-    parser.add_argument("--batch_tokens", type=int, default=4096, help="source tokens per batch")
+    parser.add_argument(
+        "--batch_tokens", type=int, default=0,
+        help="source tokens per batch; 0: each engine's default (decode.py's for the backend, "
+        f"{CT2_BATCH_TOKENS} for CTranslate2)",
+    )  # fmt: skip
     parser.add_argument("--ct2_threads", type=int, default=0, help="0: the usable cores")
     parser.add_argument("--ct2_worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

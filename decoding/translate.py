@@ -88,6 +88,18 @@ class SearchConfig:
         return ids[:, None, :], jnp.zeros((ids.shape[0], 1), jnp.float32)
 
 
+def default_tokens_per_batch() -> int:
+    """The source-token budget of a translation batch for this backend.
+
+    On CPU, 2,048 tokens (64 sentences of 32 tokens, 256 beam rows) translated the 902 dev
+    sentences 1.10x faster than 4,096 (interleaved passes, best of 3; 2-core AMD EPYC Zen 4),
+    and 300 of them 1.07x faster than 1,024: smaller batches waste fewer steps on settled
+    sentences, larger ones use the matmuls better. Accelerators, with far more parallel width,
+    get 4,096.
+    """
+    return 2048 if jax.default_backend() == "cpu" else 4096
+
+
 class Translator:
     """Translates lists of sentences with a trained model.
 
@@ -96,7 +108,8 @@ class Translator:
       tokenizer: the shared tokenizer the model was trained with.
       search: a SearchConfig.
       mesh: optional device mesh; batches are split along its data x fsdp axes.
-      tokens_per_batch: source-token budget per batch (rows x width).
+      tokens_per_batch: source-token budget per batch (rows x width); None:
+        ``default_tokens_per_batch()``.
     """
 
     def __init__(
@@ -106,7 +119,7 @@ class Translator:
         search: SearchConfig = SearchConfig(),
         *,
         mesh: Mesh | None = None,
-        tokens_per_batch: int = 4096,
+        tokens_per_batch: int | None = None,
     ):
         if tokenizer.vocab_size != model.config.vocab_size:
             raise ValueError(
@@ -114,7 +127,7 @@ class Translator:
                 f"{model.config.vocab_size}: the tokenizer does not belong to this model"
             )
         self.model, self.tokenizer, self.search, self.mesh = model, tokenizer, search, mesh
-        self.tokens_per_batch = tokens_per_batch
+        self.tokens_per_batch = tokens_per_batch or default_tokens_per_batch()
         self._shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self._run = jax.jit(self._search, static_argnames="cache_length")
 
