@@ -106,7 +106,7 @@ def main(argv):
             if f.attention_plot or f.reference:
                 raise app.UsageError("--attention_plot and --reference are for translation")
             continuer = Continuer(
-                model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens or 4096
+                model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens or None
             )
             translate_file(continuer.continue_lines, params, f.input, f.output, f.chunk_lines,
                            f.scores)  # fmt: skip

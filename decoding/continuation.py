@@ -32,7 +32,7 @@ class Continuer:
       tokenizer: the tokenizer it was trained with.
       search: a SearchConfig (default: beam 4); ``extra_len`` is the most new tokens (EOS included).
       mesh: optional device mesh (the batches run inside it; rows are not split).
-      tokens_per_batch: budget of prompt + new tokens per batch (rows x L).
+      tokens_per_batch: budget of prompt + new tokens per batch (rows x L); None: 4,096.
     """
 
     def __init__(
@@ -42,7 +42,7 @@ class Continuer:
         search: SearchConfig | None = None,
         *,
         mesh=None,
-        tokens_per_batch: int = 4096,
+        tokens_per_batch: int | None = None,
     ):
         if tokenizer.vocab_size != model.config.vocab_size:
             raise ValueError(
@@ -51,7 +51,7 @@ class Continuer:
             )
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         self.search = search or SearchConfig()
-        self.tokens_per_batch = tokens_per_batch
+        self.tokens_per_batch = tokens_per_batch or 4096
         self._run = jax.jit(self._search, static_argnames=("new_tokens",))
 
     def _search(self, params, prompts, rng, new_tokens):

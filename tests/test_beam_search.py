@@ -16,7 +16,7 @@ import pytest
 
 from decoding import beam_search, greedy_search
 from decoding.beam_search import blocked_top_k
-from decoding.common import NEG_INF, Positions
+from decoding.common import NEG_INF, Positions, while_growing
 
 PAD, EOS, BOS = 0, 1, 2
 
@@ -277,3 +277,10 @@ def test_growing_the_cache_in_phases_changes_nothing():
     np.testing.assert_array_equal(greedy[0], greedy_grown[0])
     lengths = (np.asarray(beam[0][:, 0]) != PAD).sum(-1)
     assert lengths.max() > 64 and lengths.min() <= 33, lengths
+
+
+def test_positions_entries_of_different_lengths_are_refused():
+    cache = {"a": Positions(jnp.zeros((2, 40)), axis=1), "b": Positions(jnp.zeros((2, 50)), axis=1)}
+    state = {"i": jnp.array(0, jnp.int32), "cache": cache}
+    with pytest.raises(ValueError, match=r"must share one length, got \[40, 50\]"):
+        while_growing(lambda s: s["i"] < 3, lambda s: {**s, "i": s["i"] + 1}, state)

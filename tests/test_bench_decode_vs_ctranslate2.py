@@ -4,7 +4,12 @@ import pytest
 
 pytest.importorskip("ctranslate2")
 
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 from bench import decode_vs_ctranslate2  # noqa: E402
+
+LEGACY = Path(__file__).parent / "fixtures" / "legacy_workdir"
 
 SOURCES = ["Jesus wept.", "God is love.", "", "In the beginning God created the heavens."]
 REFERENCES = ["Jesús lloró.", "Dios es amor.", "", "En el principio creó Dios los cielos."]
@@ -33,3 +38,19 @@ def test_lines_are_read_like_decode_py(tmp_path):
     path = tmp_path / "win.txt"
     path.write_bytes("\ufeffone\r\ntwo\r\n\r\nfour\u2028still four\n".encode())
     assert decode_vs_ctranslate2.read_lines(path) == ["one", "two", "", "four\u2028still four"]
+
+
+def test_the_ctranslate2_worker_reads_a_workdir_from_before_the_max_len_rename(tmp_path):
+    from interop.ctranslate2 import export
+    from interop.workdir import read_workdir
+
+    assert "max_len" in json.loads((LEGACY / "model_config.json").read_text())
+    model = export(read_workdir(LEGACY, "latest"), tmp_path / "ct2")
+    src, out = tmp_path / "in.en", tmp_path / "out.es"
+    src.write_text("\n".join(SOURCES) + "\n", encoding="utf-8")
+    decode_vs_ctranslate2.main(
+        ["--ct2_worker", f"--model={model}", f"--workdir={LEGACY}", f"--input={src}",
+         f"--output={out}", "--ct2_threads=1", "--beam_size=2", "--alpha=0.6", "--extra_len=5"]
+    )  # fmt: skip
+    lines = out.read_text(encoding="utf-8").split("\n")
+    assert len(lines) == len(SOURCES) + 1 and lines[-1] == "" and lines[2] == ""
