@@ -3,8 +3,9 @@ line): one output line per input line, in order.
 
     python decode.py --workdir=DIR --input=FILE|- --output=FILE|- \
         [--checkpoint=latest|best|averaged|STEP] [--beam_size=4 --alpha=0.6 --n_best=1] \
+        [--stopping=exact|count] \
         [--method=beam|greedy|sample --temperature=1 --top_k=0 --top_p=1 --seed=0] \
-        [--batch_tokens=0] [--reference=FILE] [--scores] [--attention_plot=FILE.png]
+        [--batch_tokens=0] [--dtype=auto] [--reference=FILE] [--scores] [--attention_plot=FILE.png]
 
 Input is read in chunks of ``--chunk_lines`` lines; each chunk is sorted by length into
 token-budget batches, translated, put back in order and written (and flushed) before the next
@@ -31,6 +32,7 @@ from collections.abc import Iterator
 from absl import app, flags
 
 from data import DataError
+from decoding.beam_search import STOPPING
 from decoding.continuation import Continuer
 from decoding.scoring import score
 from decoding.translate import SearchConfig, Translator
@@ -90,7 +92,8 @@ def main(argv):
     try:
         search = SearchConfig(
             method=f.method, beam_size=f.beam_size, alpha=f.alpha, n_best=f.n_best,
-            temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, seed=f.seed,
+            stopping=f.stopping, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
+            seed=f.seed,
             **({} if f.max_new_tokens is None else {"extra_len": f.max_new_tokens}),
         )  # fmt: skip
         mesh = make_mesh()
@@ -106,14 +109,16 @@ def main(argv):
             if f.attention_plot or f.reference:
                 raise app.UsageError("--attention_plot and --reference are for translation")
             continuer = Continuer(
-                model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens or None
-            )
+                model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens or None,
+                dtype=f.dtype,
+            )  # fmt: skip
             translate_file(continuer.continue_lines, params, f.input, f.output, f.chunk_lines,
                            f.scores)  # fmt: skip
             return
         translator = Translator(
-            model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens or None
-        )
+            model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens or None,
+            dtype=f.dtype,
+        )  # fmt: skip
         hypotheses = translate_file(
             translator.translate, params, f.input, f.output, f.chunk_lines, f.scores
         )
@@ -174,6 +179,11 @@ def define_flags() -> None:
     flags.DEFINE_integer("beam_size", search.beam_size, "Beam size (the paper: 4).")
     flags.DEFINE_float("alpha", search.alpha, "Length penalty exponent (the paper: 0.6).")
     flags.DEFINE_integer("n_best", search.n_best, "Hypotheses per input line (tab-separated).")
+    flags.DEFINE_enum(
+        "stopping", search.stopping, list(STOPPING),
+        "When beam search is done with a sentence: exact (no longer search could change the "
+        "result) or count (beam_size finished hypotheses, as fairseq and CTranslate2: faster).",
+    )  # fmt: skip
     flags.DEFINE_float("temperature", search.temperature, "Sampling temperature.")
     flags.DEFINE_integer("top_k", search.top_k, "Sample from the k most likely tokens (0: all).")
     flags.DEFINE_float(
@@ -188,6 +198,11 @@ def define_flags() -> None:
     flags.DEFINE_integer(
         "batch_tokens", 0, "Source tokens per batch (rows x padded width); 0: 2,048 on CPU and "
         "4,096 on accelerators when translating, 4,096 prompt + new tokens when continuing.",
+    )  # fmt: skip
+    flags.DEFINE_enum(
+        "dtype", "auto", ["auto", "float32", "bfloat16", "float16"],
+        "Compute dtype to decode in; auto: float32 on CPU (faster there), the training dtype on "
+        "GPU/TPU.",
     )  # fmt: skip
     flags.DEFINE_integer("chunk_lines", 10_000, "Lines read, sorted and written at a time.")
     flags.DEFINE_bool("scores", False, "Write each hypothesis's score before it.")

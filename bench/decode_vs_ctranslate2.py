@@ -1,8 +1,8 @@
 """Translating a file: ``decode.py`` against a CTranslate2 export of the same checkpoint.
 
     python -m bench.decode_vs_ctranslate2 --workdir=DIR --input=FILE [--reference=FILE] \
-        [--checkpoint=latest] [--beam_size=4] [--alpha=0.6] [--passes=3] [--batch_tokens=0] \
-        [--ct2_threads=0]
+        [--checkpoint=latest] [--beam_size=4] [--alpha=0.6] [--stopping=exact|count] \
+        [--passes=3] [--batch_tokens=0] [--ct2_threads=0]
 
 Needs ``pip install -e ".[ctranslate2]"``. The checkpoint is exported (float32) to a temporary
 directory, then both engines translate the whole file, passes interleaved, medians reported:
@@ -19,8 +19,10 @@ Target tokens are counted the same way for both: SentencePiece pieces of each ou
 BLEU is sacreBLEU's (``decoding.scoring.score``). Search: beam ``--beam_size`` with length
 penalty ``--alpha`` (greedy for 1), outputs up to source length + 50 tokens. CTranslate2's
 length penalty is ``length ** alpha``, not the project's ``((5 + length) / 6) ** alpha``, and its
-beam stops after ``beam_size`` finished hypotheses, so beam outputs may differ slightly (the
-identical share is printed); greedy outputs are the same up to per-batch length limits.
+beam stops after ``beam_size`` finished hypotheses (decode.py's ``--stopping=count``; its
+default, ``exact``, searches on until no live beam could win), so beam outputs may differ
+slightly (the identical share is printed); greedy outputs are the same up to per-batch length
+limits.
 
 CTranslate2's OpenMP threads spin while they wait; on a machine shared with other jobs that
 can cost it several times its speed: ``OMP_WAIT_POLICY=PASSIVE`` (inherited by the child) or
@@ -120,7 +122,7 @@ def whole_run_commands(args, model_dir: Path, tmp: Path) -> dict[str, tuple[list
         sys.executable, "decode.py", f"--workdir={args.workdir}", f"--input={args.input}",
         f"--output={project_out}", f"--checkpoint={args.checkpoint}",
         f"--batch_tokens={args.batch_tokens}", f"--beam_size={args.beam_size}",
-        f"--alpha={args.alpha}", *method,
+        f"--alpha={args.alpha}", f"--stopping={args.stopping}", *method,
     ]  # fmt: skip
     ct2 = [
         sys.executable, "-m", "bench.decode_vs_ctranslate2", "--ct2_worker",
@@ -168,7 +170,9 @@ def _measure(args, tmp: Path) -> dict:
     mesh = make_mesh()
     model, params, _ = load(args.workdir, args.checkpoint, mesh)
     method = "greedy" if args.beam_size == 1 else "beam"
-    search = SearchConfig(method=method, beam_size=args.beam_size, alpha=args.alpha)
+    search = SearchConfig(
+        method=method, beam_size=args.beam_size, alpha=args.alpha, stopping=args.stopping
+    )
     project = Translator(
         model, tokenizer, search, mesh=mesh, tokens_per_batch=args.batch_tokens or None
     )
@@ -198,6 +202,7 @@ def _measure(args, tmp: Path) -> dict:
         r["tokens"] = sum(len(tokenizer.encode(h)) + 1 for h in r["outputs"] if h)
         r["bleu"] = score(r["outputs"], references)["bleu"] if references else None
     res["sentences"] = len(sources)
+    res["stopping"] = args.stopping
     res["consistent"] = all(res[e]["whole_outputs"] == res[e]["outputs"] for e in ENGINES)
     pairs = zip(res["decode.py"]["outputs"], res["ctranslate2"]["outputs"], strict=True)
     res["identical"] = sum(a == b for a, b in pairs)
@@ -234,7 +239,8 @@ def table(res: dict, passes: int) -> str:
         ]
         lines.append(f"{label:<13}" + "".join(f"{c:>11}" for c in cells[:6]) + f"{cells[6]:>8}")
     lines.append(
-        f"{n} sentences, medians of {passes} passes; identical outputs: "
+        f"{n} sentences, medians of {passes} passes, decode.py --stopping={res['stopping']}; "
+        "identical outputs: "
         f"{res['identical']}/{n}; compile s for ctranslate2 is its warm-up overhead"
     )
     if not res["consistent"]:
@@ -252,6 +258,10 @@ def parse_args(argv=None):
     parser.add_argument("--beam_size", type=int, help="1: greedy search")
     parser.add_argument("--alpha", type=float, help="length penalty exponent")
     parser.add_argument("--extra_len", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--stopping", default="exact",
+        help="decode.py's beam stopping rule, exact or count (CTranslate2's is count)",
+    )  # fmt: skip
     parser.add_argument("--passes", type=int, default=3, help="timed passes per engine")
     parser.add_argument(
         "--batch_tokens", type=int, default=0,

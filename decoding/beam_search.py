@@ -17,9 +17,16 @@ hypotheses among those with ``n <= max_lengths[b]``:
   live.
 * At a sentence's length limit only EOS may follow, so every output ends with EOS.
 * Padding (id 0) is never emitted; tokens after EOS are 0.
-* A sentence is done once its ``n_best``-th finished score is at least the best score any live
-  hypothesis could still reach (its log-probability can only fall, and lp is monotonic, so
-  the bound is ``log P / max(lp(i + 1), lp(limit))``); the loop exits when all are done.
+* ``stopping="exact"`` (the default): a sentence is done once its ``n_best``-th finished score
+  is at least the best score any live hypothesis could still reach (its log-probability can
+  only fall, and lp is monotonic, so the bound is ``log P / max(lp(i + 1), lp(limit))``).
+  Nothing a longer search could find would change the result.
+* ``stopping="count"``: a sentence is done once W hypotheses have finished, the rule of
+  fairseq and of CTranslate2 with a length penalty. It stops sooner (about 20 steps per
+  sentence on the Bible model, where the exact bound waits for live beams that cannot win but
+  might) and usually returns the same best output, but a live beam that would have overtaken
+  the finished ones is dropped.
+* The loop exits when all sentences are done.
 
 The loop is a ``lax.while_loop`` (in phases that grow the cache's ``Positions`` entries:
 ``decoding.common.while_growing``); the cache's per-row entries are tiled per beam and
@@ -44,6 +51,8 @@ from decoding.common import (
     while_growing,
 )
 
+STOPPING = ("exact", "count")
+
 
 def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
     """GNMT's ``((5 + length) / 6) ** alpha``; 1 at length 1 when alpha = 0."""
@@ -62,6 +71,7 @@ def beam_search(
     max_len: int,
     max_lengths: jax.Array | None = None,
     n_best: int = 1,
+    stopping: str = "exact",
 ) -> tuple[jax.Array, jax.Array]:
     """Finds the ``n_best`` best-scoring outputs of each sentence (see the module docstring).
 
@@ -78,6 +88,7 @@ def beam_search(
       max_len: static T, the width of the output and the most steps taken.
       max_lengths: optional ``[B]`` int per-sentence limits on n (capped at ``max_len``).
       n_best: at most W, how many hypotheses to return per sentence, static.
+      stopping: "exact" or "count", when a sentence is done (see the module docstring).
 
     Returns:
       ``(sequences [B, n_best, T] int32, scores [B, n_best] float32)``, best first. Sequences
@@ -87,6 +98,8 @@ def beam_search(
     """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"need 1 <= n_best <= beam_size, got {n_best=}, {beam_size=}")
+    if stopping not in STOPPING:
+        raise ValueError(f"stopping must be one of {', '.join(STOPPING)}, got {stopping!r}")
     check_cache(cache, batch_size)
     b, k, t = batch_size, beam_size, max_len
     limits = length_limits(max_lengths, b, t)
@@ -106,8 +119,11 @@ def beam_search(
     def cond(state):
         i = state["i"]
         best_live = jnp.max(state["live_logp"], axis=1)  # [B]
-        reachable = best_live / jnp.maximum(length_penalty(i + 1, alpha), best_limit_lp)
-        settled = state["done_scores"][:, n_best - 1] >= reachable
+        if stopping == "exact":
+            reachable = best_live / jnp.maximum(length_penalty(i + 1, alpha), best_limit_lp)
+            settled = state["done_scores"][:, n_best - 1] >= reachable
+        else:  # The W finished slots are full.
+            settled = state["done_scores"][:, k - 1] > NEG_INF / 2
         finished = (best_live < NEG_INF / 2) | settled | (i >= limits)
         return (i < t) & ~jnp.all(finished)
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from data import Tokenizer
-from decoding.model_fns import lm_decoder
+from decoding.model_fns import for_decoding, lm_decoder
 from decoding.translate import SearchConfig
 from model import DecoderOnlyLM, use_mesh
 
@@ -33,6 +33,7 @@ class Continuer:
       search: a SearchConfig (default: beam 4); ``extra_len`` is the most new tokens (EOS included).
       mesh: optional device mesh (the batches run inside it; rows are not split).
       tokens_per_batch: budget of prompt + new tokens per batch (rows x L); None: 4,096.
+      dtype: the compute dtype to decode in ("auto": float32 on CPU, the model's elsewhere).
     """
 
     def __init__(
@@ -43,13 +44,14 @@ class Continuer:
         *,
         mesh=None,
         tokens_per_batch: int | None = None,
+        dtype: str = "auto",
     ):
         if tokenizer.vocab_size != model.config.vocab_size:
             raise ValueError(
                 f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                 f"{model.config.vocab_size}: the tokenizer does not belong to this model"
             )
-        self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
+        self.model, self.tokenizer, self.mesh = for_decoding(model, dtype), tokenizer, mesh
         self.search = search or SearchConfig()
         self.tokens_per_batch = tokens_per_batch or 4096
         self._run = jax.jit(self._search, static_argnames=("new_tokens",))

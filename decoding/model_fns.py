@@ -21,12 +21,28 @@ Call them inside the jitted function, so that ``variables`` and ``src`` are trac
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import jax
 import jax.numpy as jnp
 
 from decoding.common import Cache, PerSentence, Positions, TokensToLogits, unwrap
 from model.decoder_only import DecoderOnlyLM
 from model.transformer import Transformer
+from training.hardware import resolve_decode_dtype
+
+log = logging.getLogger(__name__)
+
+
+def for_decoding(model, dtype: str = "auto"):
+    """The same model computing in the decoding dtype (``training.hardware.resolve_decode_dtype``:
+    ``"auto"`` is float32 on CPU and the training dtype elsewhere); the parameters fit both."""
+    chosen, reason = resolve_decode_dtype(dtype, model.config.dtype)
+    if chosen == model.config.dtype:
+        return model
+    log.info("decoding in %s (%s)", chosen, reason)
+    return type(model)(dataclasses.replace(model.config, dtype=chosen))
 
 
 def cached_decoder(

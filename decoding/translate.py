@@ -22,8 +22,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from data import Tokenizer, decoding_batches, restore_order
-from decoding.beam_search import beam_search
-from decoding.model_fns import cached_decoder
+from decoding.beam_search import STOPPING, beam_search
+from decoding.model_fns import cached_decoder, for_decoding
 from decoding.sampling import greedy_search, sample
 from model import Transformer, use_mesh
 from model.sharding import place_batch
@@ -39,6 +39,9 @@ class SearchConfig:
       method: "beam", "greedy" or "sample".
       beam_size, alpha: beam search (the paper: 4 and 0.6).
       n_best: hypotheses returned per sentence (beam only; at most beam_size).
+      stopping: when beam search is done with a sentence: "exact" (nothing a longer search
+        could find would change the result) or "count" (W finished hypotheses, as fairseq and
+        CTranslate2); see ``decoding.beam_search``.
       extra_len: the output may be this much longer than the source (the paper: 50).
       temperature, top_k, top_p, seed: sampling.
     """
@@ -47,6 +50,7 @@ class SearchConfig:
     beam_size: int = 4
     alpha: float = 0.6
     n_best: int = 1
+    stopping: str = "exact"
     extra_len: int = 50
     temperature: float = 1.0
     top_k: int = 0
@@ -56,6 +60,10 @@ class SearchConfig:
     def __post_init__(self):
         if self.method not in ("beam", "greedy", "sample"):
             raise ValueError(f"search method must be beam, greedy or sample, got {self.method!r}")
+        if self.stopping not in STOPPING:
+            raise ValueError(
+                f"stopping must be one of {', '.join(STOPPING)}, got {self.stopping!r}"
+            )
         if self.beam_size < 1 or not 1 <= self.n_best <= max(self.beam_size, 1):
             raise ValueError(
                 f"need beam_size >= 1 and 1 <= n_best <= beam_size, got beam_size="
@@ -76,7 +84,7 @@ class SearchConfig:
         if self.method == "beam":
             return beam_search(
                 fn, cache, beam_size=self.beam_size, alpha=self.alpha, n_best=self.n_best,
-                **common,
+                stopping=self.stopping, **common,
             )  # fmt: skip
         if self.method == "greedy":
             ids, _ = greedy_search(fn, cache, **common)
@@ -110,6 +118,8 @@ class Translator:
       mesh: optional device mesh; batches are split along its data x fsdp axes.
       tokens_per_batch: source-token budget per batch (rows x width); None:
         ``default_tokens_per_batch()``.
+      dtype: the compute dtype to decode in; "auto": float32 on CPU, the model's elsewhere
+        (``decoding.model_fns.for_decoding``). ``self.model`` is the model that decodes.
     """
 
     def __init__(
@@ -120,6 +130,7 @@ class Translator:
         *,
         mesh: Mesh | None = None,
         tokens_per_batch: int | None = None,
+        dtype: str = "auto",
     ):
         if tokenizer.vocab_size != model.config.vocab_size:
             raise ValueError(
@@ -127,6 +138,7 @@ class Translator:
                 f"{model.config.vocab_size}: the tokenizer does not belong to this model"
             )
         self.model, self.tokenizer, self.search, self.mesh = model, tokenizer, search, mesh
+        self.model = for_decoding(model, dtype)
         self.tokens_per_batch = tokens_per_batch or default_tokens_per_batch()
         self._shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self._run = jax.jit(self._search, static_argnames="cache_length")

@@ -59,8 +59,20 @@ def brute_force(table, max_n, alpha):
     return sorted(found, key=lambda x: -x[0])
 
 
+def score_of(table, ids, alpha):
+    """The length-penalised log-probability of one output under ``table [V, V, V]``."""
+    logp = np.asarray(jax.nn.log_softmax(jnp.asarray(table, jnp.float32), axis=-1))
+    total, prev, last = 0.0, BOS, BOS
+    for tok in ids:
+        total += logp[prev, last, tok]
+        prev, last = last, tok
+    return total / ((5 + len(ids)) / 6) ** alpha
+
+
 # alpha may be traced: one compilation serves every alpha.
-@functools.partial(jax.jit, static_argnames=("batch_size", "beam_size", "max_len", "n_best"))
+@functools.partial(
+    jax.jit, static_argnames=("batch_size", "beam_size", "max_len", "n_best", "stopping")
+)
 def run_beam(tables, rows, max_lengths=None, **kwargs):
     fn, cache = chain(tables, rows)
     return beam_search(fn, cache, bos_id=BOS, eos_id=EOS, max_lengths=max_lengths, **kwargs)
@@ -200,6 +212,44 @@ def test_stops_early_once_no_live_beam_can_win(alpha):
     # already lower. With it, the bound divides by lp(100) ~ 5.6, and as each live hypothesis
     # loses >= log 2 per step, it takes a few more steps, still far below 100.
     assert len(steps) == 2 if alpha == 0.0 else 2 < len(steps) <= 12
+
+
+# Two outputs finish by step 2 (EOS, then 3 EOS), while 3 4 5 ... 9 EOS, as likely as 3 EOS,
+# wins by its length with alpha = 1: -1.386 / lp(9) = -0.594 > -0.693 for EOS alone.
+LONG_WINNER = {BOS: {EOS: 0.5, 3: 0.5}, 3: {EOS: 0.5, 4: 0.5}}
+LONG_WINNER.update({t: {t + 1: 1.0} for t in range(4, 9)})
+LONG_WINNER[9] = {EOS: 1.0}
+
+
+def test_count_stopping_ends_at_w_finished_where_exact_searches_on():
+    table = jnp.asarray(first_order(LONG_WINNER, 10), jnp.float32)
+    inner, cache = chain(table, [0])
+    found = {}
+    for stopping in ("exact", "count"):
+        steps = []
+
+        def counting(ids, cache, steps=steps):
+            jax.debug.callback(lambda: steps.append(1))
+            return inner(ids, cache)
+
+        seqs, scores = jax.jit(
+            lambda c, s=stopping: beam_search(
+                counting, c, batch_size=1, beam_size=2, alpha=1.0, bos_id=BOS, eos_id=EOS,
+                max_len=20, n_best=2, stopping=s,
+            )
+        )(cache)  # fmt: skip
+        jax.effects_barrier()
+        found[stopping] = ([ids_of(s) for s in seqs[0]], len(steps))
+        expected = [score_of(table[0], ids, 1.0) for ids in found[stopping][0]]
+        np.testing.assert_allclose(scores[0], expected, rtol=1e-5)
+    assert found["count"] == ([(EOS,), (3, EOS)], 2)
+    assert found["exact"][0] == [(3, 4, 5, 6, 7, 8, 9, EOS), (EOS,)]
+    assert found["exact"][1] >= 8  # the winner ends at step 8
+
+
+def test_unknown_stopping_rule_is_refused():
+    with pytest.raises(ValueError, match="stopping must be one of exact, count, got 'never'"):
+        run_beam(first_order(GREEDY_TRAP, 6), [0], batch_size=1, max_len=6, stopping="never")
 
 
 def test_rejects_a_cache_without_batch_rows():

@@ -51,7 +51,8 @@ def test_command_line_translates_and_scores_against_references(tiny_workdir, tin
     out = tmp_path / "hyp.es"
     result = subprocess.run(
         [sys.executable, "decode.py", f"--workdir={tiny_workdir}", f"--input={src}",
-         f"--output={out}", f"--reference={ref}", "--beam_size=2", "--checkpoint=latest"],
+         f"--output={out}", f"--reference={ref}", "--beam_size=2", "--checkpoint=latest",
+         "--stopping=count"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

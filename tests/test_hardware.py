@@ -44,6 +44,21 @@ def test_a_concrete_dtype_is_kept_whatever_the_hardware(requested):
     )
 
 
+@pytest.mark.parametrize(
+    "requested, trained, backend, expected",
+    [
+        ("auto", "bfloat16", "cpu", "float32"),  # the CPU's bf16 cache attention is slower
+        ("auto", "float32", "cpu", "float32"),
+        ("auto", "bfloat16", "gpu", "bfloat16"),
+        ("auto", "float32", "tpu", "float32"),
+        ("bfloat16", "float32", "cpu", "bfloat16"),  # asked for: kept
+        ("float32", "bfloat16", "gpu", "float32"),
+    ],
+)
+def test_decode_dtype(requested, trained, backend, expected):
+    assert hardware.resolve_decode_dtype(requested, trained, backend=backend)[0] == expected
+
+
 def test_cpu_info_reads_model_name_and_flags(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(

@@ -1,6 +1,8 @@
 """The Translator's fast path (per-sentence cross-attention keys/values, few batch shapes,
 asynchronous batches) translates exactly as the plain search over the uncached decoder."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -39,7 +41,7 @@ def reference(model, params, tokenizer, translator, search: SearchConfig):
                 return greedy_search(fn, cache, **common)[0][:, None], None
             return beam_search(
                 fn, cache, beam_size=search.beam_size, alpha=search.alpha,
-                n_best=search.n_best, **common,
+                n_best=search.n_best, stopping=search.stopping, **common,
             )  # fmt: skip
 
         ids, scores = run(params, src, limits)
@@ -57,8 +59,12 @@ def reference(model, params, tokenizer, translator, search: SearchConfig):
 
 @pytest.mark.parametrize(
     "search",
-    [SearchConfig(beam_size=4, alpha=0.6, n_best=2), SearchConfig(method="greedy")],
-    ids=["beam4", "greedy"],
+    [
+        SearchConfig(beam_size=4, alpha=0.6, n_best=2),
+        SearchConfig(beam_size=4, alpha=0.6, n_best=2, stopping="count"),
+        SearchConfig(method="greedy"),
+    ],
+    ids=["beam4", "beam4-count", "greedy"],
 )
 def test_translator_equals_the_plain_uncached_search(tiny_loaded, search):
     model, params, tokenizer = tiny_loaded
@@ -122,3 +128,13 @@ def test_a_checkpoint_loads_on_another_number_of_devices(tiny_workdir, tiny_load
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         got = Translator(model, tokenizer, greedy, mesh=mesh).translate(moved, LINES[:3])
         assert [g[0][0] for g in got] == [e[0][0] for e in expected]
+
+
+def test_a_bf16_model_decodes_in_float32_on_cpu_unless_asked(tiny_loaded):
+    model, params, tokenizer = tiny_loaded
+    bf16 = type(model)(dataclasses.replace(model.config, dtype="bfloat16"))
+    auto = Translator(bf16, tokenizer, SearchConfig(method="greedy"))
+    kept = Translator(bf16, tokenizer, SearchConfig(method="greedy"), dtype="bfloat16")
+    assert auto.model.config.dtype == "float32" and kept.model.config.dtype == "bfloat16"
+    f32 = Translator(model, tokenizer, SearchConfig(method="greedy"))
+    assert auto.translate(params, LINES) == f32.translate(params, LINES)
