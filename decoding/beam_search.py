@@ -22,10 +22,9 @@ hypotheses among those with ``n <= max_lengths[b]``:
   only fall, and lp is monotonic, so the bound is ``log P / max(lp(i + 1), lp(limit))``).
   Nothing a longer search could find would change the result.
 * ``stopping="count"``: a sentence is done once W hypotheses have finished, the rule of
-  fairseq and of CTranslate2 with a length penalty. It stops sooner (about 20 steps per
-  sentence on the Bible model, where the exact bound waits for live beams that cannot win but
-  might) and usually returns the same best output, but a live beam that would have overtaken
-  the finished ones is dropped.
+  fairseq and of CTranslate2 with a length penalty. It usually stops sooner and returns the
+  same best output (1.1-1.3x faster, identical outputs, on 300 dev sentences of the default
+  Bible model), but a live beam that would have overtaken the finished ones is dropped.
 * The loop exits when all sentences are done.
 
 The loop is a ``lax.while_loop`` (in phases that grow the cache's ``Positions`` entries:
