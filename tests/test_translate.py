@@ -138,3 +138,8 @@ def test_a_bf16_model_decodes_in_float32_on_cpu_unless_asked(tiny_loaded):
     assert auto.model.config.dtype == "float32" and kept.model.config.dtype == "bfloat16"
     f32 = Translator(model, tokenizer, SearchConfig(method="greedy"))
     assert auto.translate(params, LINES) == f32.translate(params, LINES)
+
+
+def test_search_config_refuses_an_unknown_stopping_rule():
+    with pytest.raises(ValueError, match="stopping must be one of exact, count, got 'never'"):
+        SearchConfig(stopping="never")
