@@ -137,8 +137,8 @@ class Translator:
                 f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                 f"{model.config.vocab_size}: the tokenizer does not belong to this model"
             )
-        self.model, self.tokenizer, self.search, self.mesh = model, tokenizer, search, mesh
         self.model = for_decoding(model, dtype)
+        self.tokenizer, self.search, self.mesh = tokenizer, search, mesh
         self.tokens_per_batch = tokens_per_batch or default_tokens_per_batch()
         self._shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self._run = jax.jit(self._search, static_argnames="cache_length")

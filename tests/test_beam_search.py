@@ -46,22 +46,23 @@ def first_order(probs_by_last: dict[int, dict[int, float]], vocab: int) -> np.nd
 
 def brute_force(table, max_n, alpha):
     """All outputs of length <= max_n (EOS last, never pad), best first: [(score, ids)]."""
-    logp = np.asarray(jax.nn.log_softmax(jnp.asarray(table, jnp.float32), axis=-1))
+    logp = log_probs(table)
     others = [t for t in range(table.shape[-1]) if t not in (PAD, EOS)]
     found = []
     for n in range(1, max_n + 1):
         for prefix in itertools.product(others, repeat=n - 1):
-            ids, prev, last, total = (*prefix, EOS), BOS, BOS, 0.0
-            for tok in ids:
-                total += logp[prev, last, tok]
-                prev, last = last, tok
-            found.append((total / ((5 + n) / 6) ** alpha, ids))  # GNMT, written out
+            ids = (*prefix, EOS)
+            found.append((score_of(logp, ids, alpha), ids))
     return sorted(found, key=lambda x: -x[0])
 
 
-def score_of(table, ids, alpha):
-    """The length-penalised log-probability of one output under ``table [V, V, V]``."""
-    logp = np.asarray(jax.nn.log_softmax(jnp.asarray(table, jnp.float32), axis=-1))
+def log_probs(table):
+    """The chain's next-token log-probabilities, ``[V, V, V]``."""
+    return np.asarray(jax.nn.log_softmax(jnp.asarray(table, jnp.float32), axis=-1))
+
+
+def score_of(logp, ids, alpha):
+    """One output's GNMT-penalised log-probability under ``logp = log_probs(table)``."""
     total, prev, last = 0.0, BOS, BOS
     for tok in ids:
         total += logp[prev, last, tok]
@@ -240,7 +241,7 @@ def test_count_stopping_ends_at_w_finished_where_exact_searches_on():
         )(cache)  # fmt: skip
         jax.effects_barrier()
         found[stopping] = ([ids_of(s) for s in seqs[0]], len(steps))
-        expected = [score_of(table[0], ids, 1.0) for ids in found[stopping][0]]
+        expected = [score_of(log_probs(table[0]), ids, 1.0) for ids in found[stopping][0]]
         np.testing.assert_allclose(scores[0], expected, rtol=1e-5)
     assert found["count"] == ([(EOS,), (3, EOS)], 2)
     assert found["exact"][0] == [(3, 4, 5, 6, 7, 8, 9, EOS), (EOS,)]
