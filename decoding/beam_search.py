@@ -25,7 +25,14 @@ hypotheses among those with ``n <= max_lengths[b]``:
   fairseq and of CTranslate2 with a length penalty. It usually stops sooner and returns the
   same best output (1.1-1.3x faster, identical outputs, on 300 dev sentences of the default
   Bible model), but a live beam that would have overtaken the finished ones is dropped.
-* The loop exits when all sentences are done.
+* A sentence's results stay fixed once it is done while the rest of its batch goes on, so
+  its output does not depend on the other sentences in the batch.
+* The loop exits when all sentences are done. Before that, once at most a quarter of the
+  sentences are left (``shrink=True``), it goes on with only those: their rows of the state
+  and cache are gathered into a batch of B / 4 sentences, a second loop runs them to the end,
+  and their results are written back. Without it, one sentence that runs to its length limit
+  keeps all B x W rows computing (1.25x faster on the 902 dev sentences of the default Bible
+  model, identical outputs).
 
 The loop is a ``lax.while_loop`` (in phases that grow the cache's ``Positions`` entries:
 ``decoding.common.while_growing``); the cache's per-row entries are tiled per beam and
@@ -46,6 +53,7 @@ from decoding.common import (
     length_limits,
     reorder,
     restrict_tokens,
+    select,
     tile,
     while_growing,
 )
@@ -71,6 +79,7 @@ def beam_search(
     max_lengths: jax.Array | None = None,
     n_best: int = 1,
     stopping: str = "exact",
+    shrink: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Finds the ``n_best`` best-scoring outputs of each sentence (see the module docstring).
 
@@ -88,6 +97,8 @@ def beam_search(
       max_lengths: optional ``[B]`` int per-sentence limits on n (capped at ``max_len``).
       n_best: at most W, how many hypotheses to return per sentence, static.
       stopping: "exact" or "count", when a sentence is done (see the module docstring).
+      shrink: go on with a quarter of the batch once at most that many sentences are left;
+        static. It changes no output (one more loop to compile).
 
     Returns:
       ``(sequences [B, n_best, T] int32, scores [B, n_best] float32)``, best first. Sequences
@@ -102,12 +113,12 @@ def beam_search(
     check_cache(cache, batch_size)
     b, k, t = batch_size, beam_size, max_len
     limits = length_limits(max_lengths, b, t)
-    best_limit_lp = length_penalty(limits, alpha)  # [B]
 
     # Only beam 0 is live at first, so the W copies of BOS do not fill the beam with duplicates.
     init = {
         "i": jnp.array(0, jnp.int32),
         "cache": tile(cache, k),
+        "limits": limits,
         "live_seqs": jnp.zeros((b, k, t), jnp.int32),
         "live_logp": jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (b, 1)),
         "last": jnp.broadcast_to(jnp.asarray(bos_id, jnp.int32).reshape(-1, 1), (b, k)),
@@ -115,28 +126,34 @@ def beam_search(
         "done_scores": jnp.full((b, k), NEG_INF, jnp.float32),
     }
 
-    def cond(state):
-        i = state["i"]
+    def finished(state):  # [B] bool: nothing more changes the sentence's result
+        i, limits = state["i"], state["limits"]
         best_live = jnp.max(state["live_logp"], axis=1)  # [B]
         if stopping == "exact":
+            best_limit_lp = length_penalty(limits, alpha)
             reachable = best_live / jnp.maximum(length_penalty(i + 1, alpha), best_limit_lp)
             settled = state["done_scores"][:, n_best - 1] >= reachable
         else:  # The W finished slots are full.
             settled = state["done_scores"][:, k - 1] > NEG_INF / 2
-        finished = (best_live < NEG_INF / 2) | settled | (i >= limits)
-        return (i < t) & ~jnp.all(finished)
+        return (best_live < NEG_INF / 2) | settled | (i >= limits)
+
+    def cond(state):
+        return (state["i"] < t) & ~jnp.all(finished(state))
 
     def body(state):
-        i = state["i"]
-        logits, new_cache = tokens_to_logits(state["last"].reshape(b * k, 1), state["cache"])
+        i, rows = state["i"], state["live_logp"].shape[0]
+        # A finished sentence's results stay as they are while the others go on, so that a
+        # sentence's output does not depend on the batch it is in.
+        frozen = finished(state)[:, None]
+        logits, new_cache = tokens_to_logits(state["last"].reshape(rows * k, 1), state["cache"])
         log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        at_limit = jnp.repeat(i + 1 >= limits, k)  # [R]
-        log_probs = restrict_tokens(log_probs, at_limit, eos_id).reshape(b, k, -1)
+        at_limit = jnp.repeat(i + 1 >= state["limits"], k)  # [R]
+        log_probs = restrict_tokens(log_probs, at_limit, eos_id).reshape(rows, k, -1)
         vocab = log_probs.shape[-1]
 
         # The 2W best extensions of all live beams: at most W of them end in EOS, so at least
         # W remain live.
-        ext_logp = (state["live_logp"][:, :, None] + log_probs).reshape(b, k * vocab)
+        ext_logp = (state["live_logp"][:, :, None] + log_probs).reshape(rows, k * vocab)
         top_logp, top_idx = blocked_top_k(ext_logp, 2 * k)  # [B, 2K]
         parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
         top_seqs = jnp.take_along_axis(state["live_seqs"], parent[:, :, None], axis=1)
@@ -146,7 +163,7 @@ def beam_search(
 
         # Finished: EOS extensions among the top W, merged with the earlier ones.
         new_scores = top_logp / length_penalty(i + 1, alpha)
-        newly_done = is_eos & exists & (jnp.arange(2 * k) < k)[None, :]
+        newly_done = is_eos & exists & (jnp.arange(2 * k) < k)[None, :] & ~frozen
         done_scores, done_seqs = _top_k(
             jnp.concatenate([state["done_scores"], jnp.where(newly_done, new_scores, NEG_INF)], 1),
             jnp.concatenate([state["done_seqs"], top_seqs], axis=1),
@@ -157,11 +174,11 @@ def beam_search(
         live_logp, (live_seqs, live_parent, last) = _top_k(
             jnp.where(is_eos | ~exists, NEG_INF, top_logp), (top_seqs, parent, token), k
         )
-        rows = (jnp.arange(b)[:, None] * k + live_parent).reshape(b * k)
-        new_cache = reorder(new_cache, rows)
+        beams = (jnp.arange(rows)[:, None] * k + live_parent).reshape(rows * k)
         return {
+            **state,
             "i": i + 1,
-            "cache": new_cache,
+            "cache": reorder(new_cache, beams),
             "live_seqs": live_seqs,
             "live_logp": live_logp,
             "last": last,
@@ -169,11 +186,49 @@ def beam_search(
             "done_scores": done_scores,
         }
 
-    final = while_growing(cond, body, init)
+    def search(state, levels, first=True):
+        """Runs the loop until at most ``levels[0]`` sentences are unfinished, then goes on
+        with only those (and finished ones to fill the rows), ``levels[1]``, and so on."""
+        loop = while_growing if first else jax.lax.while_loop
+        if not levels:
+            return loop(cond, body, state)
+        n = levels[0]
+        state = loop(lambda s: cond(s) & (jnp.sum(~finished(s)) > n), body, state)
+        # The unfinished sentences first (ties keep the lower index): all of them fit in n.
+        _, keep = jax.lax.top_k((~finished(state)).astype(jnp.int32), n)
+        sub = search(_select(state, keep, k), levels[1:], first=False)
+        return {
+            **state,
+            "done_seqs": state["done_seqs"].at[keep].set(sub["done_seqs"]),
+            "done_scores": state["done_scores"].at[keep].set(sub["done_scores"]),
+        }
+
+    final = search(init, shrink_levels(b) if shrink else [])
     scores = final["done_scores"][:, :n_best]
     found = scores > NEG_INF / 2
     seqs = jnp.where(found[:, :, None], final["done_seqs"][:, :n_best], 0)
     return seqs, jnp.where(found, scores, -jnp.inf)
+
+
+def shrink_levels(batch_size: int, factor: int = 4, levels: int = 1) -> list[int]:
+    """The sentence counts a batch shrinks to as its sentences finish: B / 4, ... (rounded up,
+    each smaller than the one before)."""
+    out, n = [], batch_size
+    for _ in range(levels):
+        n = -(-n // factor)
+        if n >= (out[-1] if out else batch_size):
+            break
+        out.append(n)
+    return out
+
+
+def _select(state: dict, sentences: jax.Array, beam_size: int) -> dict:
+    """The search state of the given sentences only (the step index is shared)."""
+    rows = (sentences[:, None] * beam_size + jnp.arange(beam_size)).reshape(-1)
+    return {
+        name: x if name == "i" else select(x, rows, sentences) if name == "cache" else x[sentences]
+        for name, x in state.items()
+    }
 
 
 def blocked_top_k(x: jax.Array, k: int, block: int = 64) -> tuple[jax.Array, jax.Array]:

@@ -96,6 +96,20 @@ def reorder(cache: Cache, rows: jax.Array) -> Cache:
     return map_rows(lambda x: x[rows], cache)
 
 
+def select(cache: Cache, rows: jax.Array, sentences: jax.Array) -> Cache:
+    """The cache of some sentences only: per-row leaves keep ``rows``, ``PerSentence`` entries
+    keep ``sentences`` (0-d leaves are shared)."""
+
+    def apply(x):
+        if isinstance(x, PerSentence):
+            return PerSentence(x.value[sentences])
+        if isinstance(x, Positions):
+            return Positions(x.value[rows], x.axis)
+        return x if jnp.ndim(x) == 0 else x[rows]
+
+    return jax.tree.map(apply, cache, is_leaf=_is_entry)
+
+
 def unwrap(cache: Cache) -> Cache:
     """The cache with its ``PerSentence`` and ``Positions`` entries replaced by their arrays."""
     return jax.tree.map(lambda x: x.value if _is_entry(x) else x, cache, is_leaf=_is_entry)

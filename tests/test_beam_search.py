@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from decoding import beam_search, greedy_search
-from decoding.beam_search import blocked_top_k
+from decoding.beam_search import STOPPING, blocked_top_k
 from decoding.common import NEG_INF, Positions, while_growing
 
 PAD, EOS, BOS = 0, 1, 2
@@ -72,7 +72,8 @@ def score_of(logp, ids, alpha):
 
 # alpha may be traced: one compilation serves every alpha.
 @functools.partial(
-    jax.jit, static_argnames=("batch_size", "beam_size", "max_len", "n_best", "stopping")
+    jax.jit,
+    static_argnames=("batch_size", "beam_size", "max_len", "n_best", "stopping", "shrink"),
 )
 def run_beam(tables, rows, max_lengths=None, **kwargs):
     fn, cache = chain(tables, rows)
@@ -315,7 +316,7 @@ def test_growing_the_cache_in_phases_changes_nothing():
             kw = dict(batch_size=4, bos_id=BOS, eos_id=EOS, max_len=length)
             limits = jnp.array([80, 70, 40, 33])
             return (
-                beam_search(fn, cache, **kw, max_lengths=limits, n_best=2),
+                beam_search(fn, cache, **kw, max_lengths=limits, n_best=2, shrink=False),
                 greedy_search(fn, cache, **kw, max_lengths=limits),
             )
 
@@ -335,3 +336,65 @@ def test_positions_entries_of_different_lengths_are_refused():
     state = {"i": jnp.array(0, jnp.int32), "cache": cache}
     with pytest.raises(ValueError, match=r"must share one length, got \[40, 50\]"):
         while_growing(lambda s: s["i"] < 3, lambda s: {**s, "i": s["i"] + 1}, state)
+
+
+@pytest.mark.parametrize("stopping", STOPPING)
+def test_shrinking_the_batch_changes_no_output(stopping):
+    # Two of eight sentences run long: once six have finished, the search goes on with a
+    # quarter of the batch (2 sentences, 8 rows) instead of all 32 rows.
+    length, k = 80, 4
+    rng = np.random.default_rng(5)
+    tables = np.log(rng.dirichlet(np.full(7, 0.5), size=(8, 7)))
+    tables[:2, :, EOS] -= 6.0
+    tables[2:, :, EOS] += 2.0
+    limits = jnp.array([80, 70, 40, 33, 80, 20, 60, 80])
+    kw = dict(batch_size=8, beam_size=k, bos_id=BOS, eos_id=EOS, max_len=length, n_best=2)
+
+    def run(tables, rows, limits, shrink, calls=None, batch_size=8):
+        inner, cache = history_chain(tables, rows, length, positions=True)
+
+        def fn(ids, cache):
+            if calls is not None:
+                jax.debug.callback(lambda x: calls.append(x.shape[0]), ids)
+            return inner(ids, cache)
+
+        kwargs = {**kw, "batch_size": batch_size}
+        return beam_search(
+            fn, cache, **kwargs, max_lengths=limits, stopping=stopping, shrink=shrink
+        )
+
+    calls = {True: [], False: []}
+    out = {}
+    for shrink in (True, False):
+        out[shrink] = jax.jit(functools.partial(run, shrink=shrink, calls=calls[shrink]))(
+            tables, np.arange(8), limits
+        )
+        jax.effects_barrier()
+    np.testing.assert_array_equal(out[True][0], out[False][0])
+    np.testing.assert_array_equal(out[True][1], out[False][1])
+    assert set(calls[False]) == {32} and set(calls[True]) == {32, 8}, set(calls[True])
+    assert sum(calls[True]) < sum(calls[False]) * 0.6
+    lengths = (np.asarray(out[True][0][:, 0]) != PAD).sum(-1)
+    assert lengths[:2].min() > 40 and lengths[2:].max() < 20, lengths
+
+    # A finished sentence's results no longer change, so each sentence alone gets the
+    # output it gets in the batch.
+    alone = jax.jit(functools.partial(run, shrink=True, batch_size=1))
+    for s in range(8):
+        seqs, scores = alone(tables, np.array([s]), limits[s : s + 1])
+        np.testing.assert_array_equal(seqs[0], out[True][0][s])
+        np.testing.assert_allclose(scores[0], out[True][1][s], rtol=1e-6)
+
+
+@pytest.mark.parametrize("shrink", [False, True])
+def test_a_finished_sentence_keeps_its_result_while_others_go_on(shrink):
+    # Under "count", LONG_WINNER is done after 2 steps; its batch-mate runs to its limit of 20,
+    # past the step (8) where the long winner would have displaced a finished output.
+    endless = {t: {3: 0.5, 4: 0.5} for t in range(2, 10)}  # EOS only where forced
+    tables = np.concatenate([first_order(LONG_WINNER, 10), first_order(endless, 10)])
+    seqs, _ = run_beam(
+        tables, [0, 1], batch_size=2, beam_size=2, alpha=1.0, max_len=20, n_best=2,
+        stopping="count", shrink=shrink,
+    )  # fmt: skip
+    assert [ids_of(s) for s in seqs[0]] == [(EOS,), (3, EOS)]
+    assert len(ids_of(seqs[1, 0])) == 20
