@@ -15,6 +15,8 @@ directory, then both engines translate the whole file, passes interleaved, media
   on all lines, after one warm-up pass each. The project's compile time is its first pass
   minus its median pass (the same difference for CTranslate2 is its warm-up overhead).
 
+Each engine's passes are printed too (shared machines are noisy: judge the medians by them).
+
 Target tokens are counted the same way for both: SentencePiece pieces of each output + EOS.
 BLEU is sacreBLEU's (``decoding.scoring.score``). Search: beam ``--beam_size`` with length
 penalty ``--alpha`` (greedy for 1), outputs up to source length + 50 tokens. CTranslate2's
@@ -243,9 +245,20 @@ def table(res: dict, passes: int) -> str:
         "identical outputs: "
         f"{res['identical']}/{n}; compile s for ctranslate2 is its warm-up overhead"
     )
+    # The passes themselves, so that a median taken on a noisy machine can be judged.
+    for engine in ENGINES:
+        r = res[engine]
+        lines.append(
+            f"passes, {engine}: whole run {_seconds(r['whole_s'])}; compiled "
+            f"{_seconds(r['pass_s'])} (warm-up {r['first_s']:.1f} s)"
+        )
     if not res["consistent"]:
         lines.append("note: an engine's whole-run output file differs from its in-process outputs")
     return "\n".join(lines)
+
+
+def _seconds(values: list[float]) -> str:
+    return " ".join(f"{v:.1f}" for v in values) + " s"
 
 
 def parse_args(argv=None):

@@ -5,6 +5,7 @@ import pytest
 pytest.importorskip("ctranslate2")
 
 import json  # noqa: E402
+import re  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from bench import decode_vs_ctranslate2  # noqa: E402
@@ -32,6 +33,12 @@ def test_benchmark_prints_both_engines_and_their_ratio(tiny_workdir, tmp_path, c
     assert float(rows["decode.py"][0]) > 0 and float(rows["ctranslate2"][0]) > 0
     assert float(rows["ctranslate2"][5]) > 10  # peak RSS in MiB, of the child process
     assert "4 sentences, medians of 1 passes" in out
+    for engine in ("decode.py", "ctranslate2"):  # one whole run and one compiled pass each
+        passes = next(line for line in out.splitlines() if line.startswith(f"passes, {engine}:"))
+        assert re.fullmatch(
+            rf"passes, {engine}: whole run \d+\.\d s; compiled \d+\.\d s \(warm-up \d+\.\d s\)",
+            passes,
+        ), passes
 
 
 def test_lines_are_read_like_decode_py(tmp_path):
