@@ -36,8 +36,9 @@ hypotheses among those with ``n <= max_lengths[b]``:
 
 The loop is a ``lax.while_loop`` (in phases that grow the cache's ``Positions`` entries:
 ``decoding.common.while_growing``); the cache's per-row entries are tiled per beam and
-reordered by parent beam each step (per-sentence entries are left alone), so the search knows
-nothing of the model behind ``tokens_to_logits``.
+reordered by parent beam each step (per-sentence entries and ``Slots`` are left alone: the
+Transformer reorders only a small table of which beam holds each step of a hypothesis's
+history), so the search knows nothing of the model behind ``tokens_to_logits``.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from decoding.common import Cache, PerSentence, Positions, TokensToLogits, unwrap
+from decoding.common import Cache, PerSentence, Positions, Slots, TokensToLogits, unwrap
 from model.decoder_only import DecoderOnlyLM
 from model.transformer import Transformer
 from training.hardware import resolve_decode_dtype
@@ -76,13 +76,19 @@ def _mark(cache: Cache) -> Cache:
     """Marks ``Transformer.init_cache``'s entries for the searches (``decoding.common``)."""
     layers = tuple(
         {
-            # {'k', 'v'} [R, H, L, K]: follow the beams, slot l holds step l.
-            "self": {name: Positions(x, axis=2) for name, x in c["self"].items()},
+            # {'k', 'v'} [R, H, L, K]: slot l holds step l of the row that wrote it; the
+            # beams find their history through 'beams' [R, L], which follows them.
+            "self": {name: Slots(x, axis=2) for name, x in c["self"].items()},
             "cross": {name: PerSentence(x) for name, x in c["cross"].items()},
         }
         for c in cache["layers"]
     )
-    return {**cache, "src_valid": PerSentence(cache["src_valid"]), "layers": layers}
+    return {
+        **cache,
+        "src_valid": PerSentence(cache["src_valid"]),
+        "beams": Positions(cache["beams"], axis=1),
+        "layers": layers,
+    }
 
 
 def uncached_decoder(

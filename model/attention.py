@@ -241,6 +241,7 @@ class MultiHeadAttention(nn.Module):
         kv: tuple[jax.Array, jax.Array] | None = None,
         cache: dict | None = None,
         index: jax.Array | None = None,
+        history: jax.Array | None = None,
         deterministic: bool = True,
     ) -> jax.Array | tuple[jax.Array, dict]:
         """Attends from ``x`` to ``kv`` (default: self-attention over ``x``), or to a cache.
@@ -254,6 +255,10 @@ class MultiHeadAttention(nn.Module):
             with the keys and values of ``x`` at positions ``index ..`` before attending; or
             ``init_memory_cache``'s, read as it is when ``index`` is None. No dropout.
           index: where the T new positions go in a self-attention cache.
+          history: with a self-attention cache, optional ``[R, L]`` int32: row r attends to
+            slot l of row ``history[r, l]`` (beams sharing a sentence's cache: slots are
+            written once and never move, and each hypothesis reads its ancestors' slots, so
+            no search copies the cache to follow its beams). None: each row reads its own.
           deterministic: disables attention dropout.
 
         Returns:
@@ -273,7 +278,12 @@ class MultiHeadAttention(nn.Module):
                         cache["v"], v_new.astype(cache["v"].dtype), start
                     ),
                 }
-            return self.attend_cache(x, cache["k"], cache["v"], mask), cache
+            k, v = cache["k"], cache["v"]
+            if history is not None:  # [R, H, L, K]: row history[r, l]'s slot l, every head.
+                heads = jnp.arange(k.shape[1])[None, :, None]
+                slots = jnp.arange(k.shape[2])[None, None, :]
+                k, v = (c[history[:, None, :], heads, slots] for c in (k, v))
+            return self.attend_cache(x, k, v, mask), cache
         cfg = self.config
         q = self._heads(x, self.query, "query_bias")
         k, v = self.project_kv(x) if kv is None else kv

@@ -128,7 +128,7 @@ class DecoderLayer(_Sublayers):
         return cache
 
     def step(
-        self, y: jax.Array, self_mask: jax.Array, cross_mask, cache: dict, index
+        self, y: jax.Array, self_mask: jax.Array, cross_mask, cache: dict, index, history=None
     ) -> tuple[jax.Array, dict]:
         """The layer on new positions during decoding, reading and extending its cache.
 
@@ -140,12 +140,16 @@ class DecoderLayer(_Sublayers):
           cache: ``init_cache``'s: ``'self'`` ``{'k', 'v'}`` ``[R, H, L, K]`` and ``'cross'``
             ``{'k', 'v'}`` ``[B, H, S, K]``.
           index: where the T new positions go in the cache.
+          history: optional ``[R, L]`` int32: the row whose self-attention slot l each row
+            reads (None: its own; see ``MultiHeadAttention.__call__``).
 
         Returns:
           ``([R, T, D]`` outputs, the cache with the new keys and values written).
         """
         h = self.pre(y, self.norm_self)
-        a, self_cache = self.self_attention(h, self_mask, cache=cache["self"], index=index)
+        a, self_cache = self.self_attention(
+            h, self_mask, cache=cache["self"], index=index, history=history
+        )
         y = self.residual(y, a, self.norm_self, True)
         cache = {**cache, "self": self_cache}
         if self.cross:
@@ -223,9 +227,15 @@ class Decoder(nn.Module):
         return tuple(layer.init_cache(batch, length, memory) for layer in self._layers())
 
     def step(
-        self, y: jax.Array, caches: tuple, index, cross_mask: jax.Array | None = None
+        self,
+        y: jax.Array,
+        caches: tuple,
+        index,
+        cross_mask: jax.Array | None = None,
+        history: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple]:
-        """Runs the stack on ``y [R, t, D]`` (new positions ``index .. index + t - 1``).
+        """Runs the stack on ``y [R, t, D]`` (new positions ``index .. index + t - 1``);
+        ``history [R, L]``, if given, is passed to every layer's self-attention.
 
         Returns:
           ``([R, t, D]`` features, the caches advanced).
@@ -235,6 +245,6 @@ class Decoder(nn.Module):
         self_mask = (jnp.arange(length)[None, :] <= positions[:, None])[None, None]  # [1,1,t,L]
         new = []
         for layer, cache in zip(self._layers(), caches, strict=True):
-            y, cache = layer.step(y, self_mask, cross_mask, cache, index)
+            y, cache = layer.step(y, self_mask, cross_mask, cache, index, history)
             new.append(cache)
         return self._final(y), tuple(new)

@@ -149,14 +149,23 @@ class Transformer(nn.Module):
           length: L, the longest target the cache will hold (<= ``config.max_positions``).
 
         Returns:
-          ``{'index': int32 [], 'src_valid': bool [B, S], 'layers': ({'self': {'k', 'v':
-          [B, H, L, K]}, filled step by step; 'cross': {'k', 'v': [B, H, S, K]}}, ...)}``.
-          A search with W beams may repeat the rows of the ``'self'`` entries (R = B * W rows,
-          rows ``b * W ..`` for sentence b) and keep the rest per sentence: ``decode_step``
-          reads the number of beams from the ratio.
+          ``{'index': int32 [], 'src_valid': bool [B, S], 'beams': int32 [B, L], 'layers':
+          ({'self': {'k', 'v': [B, H, L, K]}, filled step by step; 'cross': {'k', 'v':
+          [B, H, S, K]}}, ...)}``. A search with W beams repeats the rows of ``'beams'`` and
+          of the ``'self'`` entries (R = B * W rows, rows ``b * W ..`` for sentence b) and
+          keeps the rest per sentence: ``decode_step`` reads the number of beams from the
+          ratio. Slot l of row r's keys and values is written once, by row r at step l, and
+          never moves: ``'beams'[r, l]`` names the beam of r's sentence whose slot l belongs
+          to r's history, so a search reorders ``'beams'`` to follow the surviving beams and
+          leaves the keys and values where they are.
         """
         layers = self.decoder.init_cache(src.shape[0], length, memory)
-        return {"index": jnp.array(0, jnp.int32), "src_valid": src != 0, "layers": layers}
+        return {
+            "index": jnp.array(0, jnp.int32),
+            "src_valid": src != 0,
+            "beams": jnp.zeros((src.shape[0], length), jnp.int32),
+            "layers": layers,
+        }
 
     def decode_step(self, ids: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         """Runs the decoder on ``ids [R, t]`` (usually t = 1) at the cache's current position.
@@ -168,12 +177,18 @@ class Transformer(nn.Module):
         Returns:
           ``(logits [R, t, V]`` float32, the cache advanced by t positions).
         """
-        index = cache["index"]
-        positions = index + jnp.arange(ids.shape[1], dtype=jnp.int32)
+        index, (rows, t) = cache["index"], ids.shape
+        positions = index + jnp.arange(t, dtype=jnp.int32)
         y = self.embed(ids, jnp.broadcast_to(positions, ids.shape))
         cross_mask = cache["src_valid"][:, None, None, :]  # [B, 1, 1, S]
-        y, layers = self.decoder.step(y, cache["layers"], index, cross_mask)
-        new_cache = {**cache, "index": index + ids.shape[1], "layers": layers}
+        beams, history = cache["beams"], None
+        group = rows // cache["src_valid"].shape[0]
+        if group > 1:  # Beams: each row reads its history's slots from the rows that wrote them.
+            own = jnp.broadcast_to((jnp.arange(rows, dtype=jnp.int32) % group)[:, None], (rows, t))
+            beams = jax.lax.dynamic_update_slice(beams, own, (0, index))
+            history = (jnp.arange(rows, dtype=jnp.int32) // group * group)[:, None] + beams
+        y, layers = self.decoder.step(y, cache["layers"], index, cross_mask, history)
+        new_cache = {**cache, "index": index + t, "beams": beams, "layers": layers}
         return self.embed.attend(y), new_cache
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from decoding import beam_search, greedy_search
 from decoding.beam_search import STOPPING, blocked_top_k
-from decoding.common import NEG_INF, Positions, while_growing
+from decoding.common import NEG_INF, Positions, Slots, reorder, resize, select, tile, while_growing
 
 PAD, EOS, BOS = 0, 1, 2
 
@@ -329,6 +329,30 @@ def test_growing_the_cache_in_phases_changes_nothing():
     np.testing.assert_array_equal(greedy[0], greedy_grown[0])
     lengths = (np.asarray(beam[0][:, 0]) != PAD).sum(-1)
     assert lengths.max() > 64 and lengths.min() <= 33, lengths
+
+
+def test_slots_stay_in_place_while_positions_and_rows_follow_the_beams():
+    # Slots entries are written once per row and step and read through a table that follows
+    # the beams, so reordering must leave them alone; tiling, selecting and resizing must not.
+    cache = {
+        "slots": Slots(jnp.arange(6).reshape(2, 3), axis=1),
+        "table": Positions(jnp.arange(6).reshape(2, 3) + 10, axis=1),
+        "row": jnp.array([7, 8]),
+        "step": jnp.array(5),
+    }
+    tiled = tile(cache, 2)  # rows 0, 0, 1, 1
+    assert isinstance(tiled["slots"], Slots) and tiled["slots"].value.shape == (4, 3)
+    rows = jnp.array([1, 0, 3, 3])
+    moved = reorder(tiled, rows)
+    np.testing.assert_array_equal(moved["slots"].value, tiled["slots"].value)
+    np.testing.assert_array_equal(moved["table"].value, tiled["table"].value[rows])
+    np.testing.assert_array_equal(moved["row"], [7, 7, 8, 8])
+    kept = select(moved, jnp.array([2, 3]), jnp.array([1]))
+    np.testing.assert_array_equal(kept["slots"].value, [[3, 4, 5], [3, 4, 5]])
+    assert isinstance(kept["slots"], Slots) and int(kept["step"]) == 5
+    grown = resize(kept, 5)
+    assert isinstance(grown["slots"], Slots) and grown["slots"].value.shape == (2, 5)
+    assert grown["table"].value.shape == (2, 5)
 
 
 def test_positions_entries_of_different_lengths_are_refused():
