@@ -38,7 +38,7 @@ from decoding.scoring import score
 from decoding.translate import SearchConfig, Translator
 from interop.workdir import load
 from model import make_mesh
-from model.compilation import enable_compilation_cache
+from model.compilation import enable_compilation_cache, exported_dir
 
 log = logging.getLogger("decode")
 
@@ -117,7 +117,7 @@ def main(argv):
             return
         translator = Translator(
             model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens or None,
-            dtype=f.dtype,
+            dtype=f.dtype, exported=exported_dir(),
         )  # fmt: skip
         hypotheses = translate_file(
             translator.translate, params, f.input, f.output, f.chunk_lines, f.scores

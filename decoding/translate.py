@@ -12,8 +12,10 @@ overlaps the device's decoding and the device never waits for the host between b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ from jax.sharding import Mesh
 
 from data import Tokenizer, decoding_batches, restore_order
 from decoding.beam_search import STOPPING, beam_search
+from decoding.exported import ExportedCache
 from decoding.model_fns import cached_decoder, for_decoding
 from decoding.sampling import greedy_search, sample
 from model import Transformer, use_mesh
@@ -120,6 +123,9 @@ class Translator:
         ``default_tokens_per_batch()``.
       dtype: the compute dtype to decode in; "auto": float32 on CPU, the model's elsewhere
         (``decoding.model_fns.for_decoding``). ``self.model`` is the model that decodes.
+      exported: optional directory of traced searches (``decoding.exported``): a batch shape
+        searched once, by any run, is not traced again. Used when the mesh (or, without one,
+        the process) has a single device; sharded searches are traced as before.
     """
 
     def __init__(
@@ -131,6 +137,7 @@ class Translator:
         mesh: Mesh | None = None,
         tokens_per_batch: int | None = None,
         dtype: str = "auto",
+        exported: str | Path | None = None,
     ):
         if tokenizer.vocab_size != model.config.vocab_size:
             raise ValueError(
@@ -142,8 +149,12 @@ class Translator:
         self.tokens_per_batch = tokens_per_batch or default_tokens_per_batch()
         self._shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self._run = jax.jit(self._search, static_argnames="cache_length")
+        one_device = (jax.device_count() if mesh is None else mesh.size) == 1
+        self._exported = ExportedCache(exported) if exported and one_device else None
 
     def _search(self, params, src, max_lengths, rng, cache_length):
+        if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+            rng = jax.random.wrap_key_data(rng)  # Exports take the key's data.
         fn, cache = cached_decoder(self.model, {"params": params}, src, cache_length)
         return self.search.run(
             fn, cache, rng, batch_size=src.shape[0], bos_id=self.tokenizer.bos_id,
@@ -209,19 +220,31 @@ class Translator:
                         "model's position table ends at max_positions=%d",
                         cut, extra, cfg.max_positions,
                     )  # fmt: skip
-                out = self._run(
+                args = (
                     params,
                     place_batch(src, self.mesh),
                     place_batch(limits, self.mesh),
                     jax.random.fold_in(rng, i),
-                    length,
                 )
+                out = self._dispatch(args, length)
                 pending.append((batch, out))  # dispatched; read back below
             indices, outputs = [], []
             for batch, (ids, scores) in pending:
                 outputs.append(self._detokenize(batch["inputs"], _to_host(ids), _to_host(scores)))
                 indices.append(batch["index"])
         return restore_order(indices, outputs, len(sources))
+
+    def _dispatch(self, args, cache_length: int):
+        """Starts one batch's search: traced here, or from ``exported``."""
+        if self._exported is None:
+            return self._run(*args, cache_length)
+        *arrays, rng = args
+        description = (
+            f"Translator._search {self.model.config!r} {self.search!r} bos={self.tokenizer.bos_id} "
+            f"eos={self.tokenizer.eos_id} cache_length={cache_length}"
+        )
+        fn = functools.partial(self._search, cache_length=cache_length)
+        return self._exported(description, fn, *arrays, jax.random.key_data(rng))
 
     def _detokenize(self, src: np.ndarray, ids: np.ndarray, scores: np.ndarray):
         rows = []

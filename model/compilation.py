@@ -6,6 +6,10 @@ compiles nothing: ``decode.py`` spends its first minute compiling beam searches 
 restarted ``train.py`` recompiles its step. JAX's own ``JAX_COMPILATION_CACHE_DIR`` wins when
 set. Entries are keyed by the program, the JAX version and the device, so a stale one is never
 used; deleting the directory is always safe.
+
+``decode.py`` also keeps its traced searches (``decoding.exported``) in
+``~/.cache/aiayn-jax/exported`` (or ``$AIAYN_EXPORT_CACHE``; empty turns it off), so a second
+run does not even trace them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,14 @@ import jax
 log = logging.getLogger(__name__)
 
 DEFAULT_DIR = Path.home() / ".cache" / "aiayn-jax" / "xla"
+EXPORTED_DIR = Path.home() / ".cache" / "aiayn-jax" / "exported"
+
+
+def exported_dir() -> Path | None:
+    """The directory of ``decode.py``'s traced searches: ``$AIAYN_EXPORT_CACHE`` or
+    ``EXPORTED_DIR``; None when that variable is set but empty."""
+    path = os.environ.get("AIAYN_EXPORT_CACHE", str(EXPORTED_DIR))
+    return Path(path).expanduser() if path else None
 
 
 def enable_compilation_cache(path: str | Path | None = None) -> Path | None:

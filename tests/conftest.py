@@ -19,6 +19,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
+# decode.py's traced searches (decoding.exported), likewise private to the session.
+if "AIAYN_EXPORT_CACHE" not in os.environ:
+    _exported = tempfile.mkdtemp(prefix="aiayn-test-exported-")
+    atexit.register(shutil.rmtree, _exported, ignore_errors=True)
+    os.environ["AIAYN_EXPORT_CACHE"] = _exported
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402

@@ -1,0 +1,141 @@
+"""Traced searches kept on disk, so that a second run of the same command traces nothing.
+
+JAX's persistent compilation cache (``model.compilation``) skips XLA's compilation, but its
+key is the lowered program, so every run still traces and lowers each batch shape's search
+first: the encoder, the cache and four decoder-step loops (three cache phases and the shrunk
+batch). On the 902 dev sentences of the default model that was 1.9-2.6 s for each of the 5
+batch shapes, a quarter of a warm ``decode.py`` run. ``jax.export`` serializes the lowered
+program (StableHLO); a later run deserializes it (7 ms) and goes straight to the compilation
+cache (0.8 s).
+
+Each file is ``<directory>/<key>.jaxexport``. The key is a SHA-256 of everything the traced
+program depends on, so a file is only ever read back for the program it was made from:
+
+* the source of the project's packages (``model``, ``decoding``, ``data``, ``training``,
+  ``interop``): any change of code makes new keys;
+* the jax, jaxlib and flax versions and the JAX options that change lowering;
+* the caller's description of the function (model config, search, token ids, static
+  arguments: ``Translator``'s);
+* the arguments' tree, shapes and dtypes.
+
+A file that cannot be read back is exported again (with a warning) and replaced; files are
+written to a temporary name and renamed, so a crash never leaves a truncated one. Deleting the
+directory is always safe. Only single-device programs are kept (a sharded search is traced as
+before).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import jax
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("model", "decoding", "data", "training", "interop")
+SUFFIX = ".jaxexport"
+_CODE_HASH: str | None = None
+
+
+def code_fingerprint() -> str:
+    """A SHA-256 of the project's package sources (computed once per process)."""
+    global _CODE_HASH
+    if _CODE_HASH is None:
+        root, digest = Path(__file__).resolve().parents[1], hashlib.sha256()
+        for package in PACKAGES:
+            for path in sorted((root / package).rglob("*.py")):
+                digest.update(str(path.relative_to(root)).encode() + b"\0")
+                digest.update(path.read_bytes() + b"\0")
+        _CODE_HASH = digest.hexdigest()
+    return _CODE_HASH
+
+
+def _environment() -> str:
+    versions = []
+    for name in ("jax", "jaxlib", "flax"):
+        try:
+            versions.append(f"{name}={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name}=?")
+    options = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl")
+    versions += [f"{name}={getattr(jax.config, name)}" for name in options]
+    device = jax.devices()[0]
+    return " ".join([*versions, device.platform, device.device_kind])
+
+
+def signature(args) -> str:
+    """The arguments' tree structure, shapes and dtypes, as text."""
+    leaves, tree = jax.tree.flatten(args)
+    return f"{tree} " + " ".join(f"{leaf.dtype}{list(leaf.shape)}" for leaf in leaves)
+
+
+class ExportedCache:
+    """Calls functions of arrays through exports kept in ``directory``.
+
+    Args:
+      directory: where the ``.jaxexport`` files live (created when first needed).
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self._calls: dict[str, Callable] = {}
+
+    def key(self, description: str, args) -> str:
+        """The file key of ``description`` called with ``args``."""
+        text = "\n".join([code_fingerprint(), _environment(), description, signature(args)])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}{SUFFIX}"
+
+    def __call__(self, description: str, fn: Callable, *args):
+        """``fn(*args)``, traced at most once per key: from this process's memory, from
+        ``directory``, or by exporting it there.
+
+        Args:
+          description: everything ``fn``'s program depends on besides the code and ``args``'
+            shapes (configs, static arguments, ids baked into the program).
+          fn: a function of the array pytrees ``args`` (its static arguments bound).
+          args: its arguments.
+        """
+        key = self.key(description, args)
+        call = self._calls.get(key)
+        if call is None:
+            exported = self._load(key) or self._export(key, fn, args)
+            call = jax.jit(exported.call)
+            self._calls[key] = call
+        return call(*args)
+
+    def _load(self, key: str):
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            return jax.export.deserialize(bytearray(path.read_bytes()))
+        except Exception as err:  # noqa: BLE001 (any unreadable file is exported again)
+            log.warning("cannot read the exported search %s (%s); exporting it again", path, err)
+            return None
+
+    def _export(self, key: str, fn: Callable, args):
+        exported = jax.export.export(jax.jit(fn))(*args)
+        tmp = None
+        try:
+            blob = exported.serialize()
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+            with os.fdopen(fd, "wb") as out:
+                out.write(blob)
+            os.replace(tmp, self.path(key))
+            tmp = None
+        except (OSError, ImportError) as err:  # Not saving only costs the next run a trace.
+            log.warning("cannot save the exported search in %s (%s)", self.directory, err)
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+        return exported
