@@ -19,9 +19,10 @@ program depends on, so a file is only ever read back for the program it was made
 * the arguments' tree, shapes and dtypes.
 
 A file that cannot be read back is exported again (with a warning) and replaced; files are
-written to a temporary name and renamed, so a crash never leaves a truncated one. Deleting the
-directory is always safe. Only single-device programs are kept (a sharded search is traced as
-before).
+written to a temporary name and renamed, so a crash never leaves a truncated one. Reading a
+file marks it used; beyond ``MAX_FILES`` (about 0.5 MB each) the least recently used go, so
+the directory does not grow with every change of code. Deleting it is always safe. Only
+single-device programs are kept (a sharded search is traced as before).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 PACKAGES = ("model", "decoding", "data", "training", "interop")
 SUFFIX = ".jaxexport"
+MAX_FILES = 256
 _CODE_HASH: str | None = None
 
 
@@ -117,7 +119,9 @@ class ExportedCache:
         if not path.exists():
             return None
         try:
-            return jax.export.deserialize(bytearray(path.read_bytes()))
+            exported = jax.export.deserialize(bytearray(path.read_bytes()))
+            os.utime(path)  # recently used: kept by _prune
+            return exported
         except Exception as err:  # noqa: BLE001 (any unreadable file is exported again)
             log.warning("cannot read the exported search %s (%s); exporting it again", path, err)
             return None
@@ -133,9 +137,21 @@ class ExportedCache:
                 out.write(blob)
             os.replace(tmp, self.path(key))
             tmp = None
+            self._prune()
         except (OSError, ImportError) as err:  # Not saving only costs the next run a trace.
             log.warning("cannot save the exported search in %s (%s)", self.directory, err)
         finally:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
         return exported
+
+    def _prune(self) -> None:
+        """Deletes the least recently used files beyond ``MAX_FILES``."""
+        files = []
+        for path in self.directory.glob(f"*{SUFFIX}"):
+            try:
+                files.append((path.stat().st_mtime, path))
+            except FileNotFoundError:  # another process pruned it
+                pass
+        for _, path in sorted(files)[: max(0, len(files) - MAX_FILES)]:
+            path.unlink(missing_ok=True)

@@ -3,6 +3,7 @@ instead of tracing, translates exactly as the traced search, and never reads a s
 file."""
 
 import logging
+import os
 
 import jax
 import numpy as np
@@ -135,3 +136,23 @@ def test_a_sharded_translator_traces_as_before(tiny_loaded, tmp_path):
     want = Translator(model, tokenizer, search).translate(params, LINES[:4])
     assert_same(sharded.translate(params, LINES[:4]), want)
     assert not files(tmp_path)
+
+
+def test_the_least_recently_used_exports_go_beyond_the_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(exported, "MAX_FILES", 2)
+    cache = exported.ExportedCache(tmp_path)
+
+    def run(n):  # one program per shape
+        return cache(f"ones {n}", lambda x: x + 1, np.zeros((n,), np.float32))
+
+    run(1), run(2)
+    first = cache.path(cache.key("ones 1", (np.zeros((1,), np.float32),)))
+    os.utime(first, (1, 1))  # as if used long ago ...
+    exported.ExportedCache(tmp_path)._load(first.name.removesuffix(exported.SUFFIX))
+    assert first.stat().st_mtime > 1  # ... but reading it marks it used
+    second = cache.path(cache.key("ones 2", (np.zeros((2,), np.float32),)))
+    os.utime(second, (1, 1))
+    np.testing.assert_array_equal(run(3), np.ones(3))
+    assert sorted(files(tmp_path)) == sorted(
+        [first, cache.path(cache.key("ones 3", (np.zeros((3,), np.float32),)))]
+    )
