@@ -110,7 +110,7 @@ def main(argv):
                 raise app.UsageError("--attention_plot and --reference are for translation")
             continuer = Continuer(
                 model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens or None,
-                dtype=f.dtype,
+                dtype=f.dtype, exported=exported_dir(),
             )  # fmt: skip
             translate_file(continuer.continue_lines, params, f.input, f.output, f.chunk_lines,
                            f.scores)  # fmt: skip

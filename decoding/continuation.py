@@ -10,13 +10,16 @@ gets an empty continuation. Shapes: B rows, P prompt length, L cache length.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import numpy as np
 
 from data import Tokenizer
+from decoding.exported import ExportedCache, as_key
 from decoding.model_fns import for_decoding, lm_decoder
 from decoding.translate import SearchConfig
 from model import DecoderOnlyLM, use_mesh
@@ -34,6 +37,8 @@ class Continuer:
       mesh: optional device mesh (the batches run inside it; rows are not split).
       tokens_per_batch: budget of prompt + new tokens per batch (rows x L); None: 4,096.
       dtype: the compute dtype to decode in ("auto": float32 on CPU, the model's elsewhere).
+      exported: optional directory of traced searches (``decoding.exported``; one device only),
+        as for ``Translator``: every prompt length is a shape, so a warm run saves much tracing.
     """
 
     def __init__(
@@ -45,6 +50,7 @@ class Continuer:
         mesh=None,
         tokens_per_batch: int | None = None,
         dtype: str = "auto",
+        exported: str | Path | None = None,
     ):
         if tokenizer.vocab_size != model.config.vocab_size:
             raise ValueError(
@@ -55,8 +61,10 @@ class Continuer:
         self.search = search or SearchConfig()
         self.tokens_per_batch = tokens_per_batch or 4096
         self._run = jax.jit(self._search, static_argnames=("new_tokens",))
+        self._exported = ExportedCache.for_mesh(exported, mesh)
 
     def _search(self, params, prompts, rng, new_tokens):
+        rng = as_key(rng)
         length = prompts.shape[1] + new_tokens
         fn, cache, first = lm_decoder(self.model, {"params": params}, prompts, length)
         return self.search.run(
@@ -82,6 +90,17 @@ class Continuer:
                 "%d prompts were cut to their last %d tokens (max_positions)", cut, limit - 1
             )
         return out
+
+    def _dispatch(self, params, prompts, key, new_tokens: int):
+        """Runs one batch's search: traced here, or from ``exported``."""
+        if self._exported is None:
+            return self._run(params, prompts, key, new_tokens)
+        description = (
+            f"Continuer._search {self.model.config!r} {self.search!r} "
+            f"eos={self.tokenizer.eos_id} new_tokens={new_tokens}"
+        )
+        fn = functools.partial(self._search, new_tokens=new_tokens)
+        return self._exported(description, fn, params, prompts, jax.random.key_data(key))
 
     def continue_lines(
         self, params, lines: Sequence[str], *, first_line: int = 0
@@ -112,7 +131,7 @@ class Continuer:
                     prompts[: len(chunk)] = [prompt for _, prompt in chunk]
                     prompts[len(chunk) :] = prompts[0]
                     key = jax.random.fold_in(rng, chunk[0][0])
-                    ids, scores = jax.device_get(self._run(params, prompts, key, new_tokens))
+                    ids, scores = jax.device_get(self._dispatch(params, prompts, key, new_tokens))
                     for r, (i, _) in enumerate(chunk):
                         texts = self.tokenizer.decode_batch(np.asarray(ids[r]).tolist())
                         results[i] = list(zip(texts, np.asarray(scores[r]).tolist(), strict=True))

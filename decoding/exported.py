@@ -77,6 +77,13 @@ def signature(args) -> str:
     return f"{tree} " + " ".join(f"{leaf.dtype}{list(leaf.shape)}" for leaf in leaves)
 
 
+def as_key(rng: jax.Array) -> jax.Array:
+    """``rng`` as a typed PRNG key: exported programs take a key's data (uint32) instead."""
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return rng
+    return jax.random.wrap_key_data(rng)
+
+
 class ExportedCache:
     """Calls functions of arrays through exports kept in ``directory``.
 
@@ -87,6 +94,13 @@ class ExportedCache:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self._calls: dict[str, Callable] = {}
+
+    @classmethod
+    def for_mesh(cls, directory: str | Path | None, mesh) -> ExportedCache | None:
+        """A cache in ``directory`` if given and the mesh (or, without one, the process) has a
+        single device; None otherwise (sharded searches are traced as before)."""
+        one_device = (jax.device_count() if mesh is None else mesh.size) == 1
+        return cls(directory) if directory and one_device else None
 
     def key(self, description: str, args) -> str:
         """The file key of ``description`` called with ``args``."""

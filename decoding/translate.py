@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from data import Tokenizer, decoding_batches, restore_order
 from decoding.beam_search import STOPPING, beam_search
-from decoding.exported import ExportedCache
+from decoding.exported import ExportedCache, as_key
 from decoding.model_fns import cached_decoder, for_decoding
 from decoding.sampling import greedy_search, sample
 from model import Transformer, use_mesh
@@ -149,12 +149,10 @@ class Translator:
         self.tokens_per_batch = tokens_per_batch or default_tokens_per_batch()
         self._shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self._run = jax.jit(self._search, static_argnames="cache_length")
-        one_device = (jax.device_count() if mesh is None else mesh.size) == 1
-        self._exported = ExportedCache(exported) if exported and one_device else None
+        self._exported = ExportedCache.for_mesh(exported, mesh)
 
     def _search(self, params, src, max_lengths, rng, cache_length):
-        if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-            rng = jax.random.wrap_key_data(rng)  # Exports take the key's data.
+        rng = as_key(rng)
         fn, cache = cached_decoder(self.model, {"params": params}, src, cache_length)
         return self.search.run(
             fn, cache, rng, batch_size=src.shape[0], bos_id=self.tokenizer.bos_id,

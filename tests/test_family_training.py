@@ -81,6 +81,40 @@ def test_decode_continues_prompts_line_for_line(lm_workdir, tmp_path, method):
         assert lines[0] == lines[3]
 
 
+def test_continuations_read_back_from_their_exports_are_the_same(lm_workdir, tmp_path, monkeypatch):
+    import jax
+    import numpy as np
+
+    import decoding.exported as exported
+    from model import make_mesh
+
+    def same(got, want):
+        assert [[t for t, _ in row] for row in got] == [[t for t, _ in row] for row in want]
+        scores = [[[s for _, s in row] for row in x] for x in (got, want)]
+        np.testing.assert_allclose(*scores, atol=1e-5)
+
+    mesh = make_mesh(devices=jax.devices()[:1])  # exports are single-device programs
+    model, params, tokenizer = load(lm_workdir, mesh=mesh)
+    prompts = ["En el principio", "", "Y dijo Dios:", "Y la tierra estaba desordenada"]
+    searches = (SearchConfig(beam_size=2, extra_len=6), SearchConfig(method="sample", seed=5))
+    wants = []
+    for search in searches:
+        wants.append(Continuer(model, tokenizer, search, mesh=mesh).continue_lines(params, prompts))
+        first = Continuer(model, tokenizer, search, mesh=mesh, exported=tmp_path)
+        same(first.continue_lines(params, prompts), wants[-1])
+    n = len(list(tmp_path.glob(f"*{exported.SUFFIX}")))
+    assert n >= 2 * 2  # at least two prompt lengths per search
+
+    def no_tracing(*args, **kwargs):
+        raise AssertionError("traced although the export is on disk")
+
+    monkeypatch.setattr(Continuer, "_search", no_tracing)
+    for search, want in zip(searches, wants, strict=True):
+        again = Continuer(model, tokenizer, search, mesh=mesh, exported=tmp_path)
+        same(again.continue_lines(params, prompts), want)
+    assert len(list(tmp_path.glob(f"*{exported.SUFFIX}"))) == n
+
+
 def test_mlm_trains_and_reports_masked_token_accuracy(tmp_path):
     _train(mlm_config, tmp_path)
     rows = _rows(tmp_path)
