@@ -10,7 +10,6 @@ gets an empty continuation. Shapes: B rows, P prompt length, L cache length.
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ import jax
 import numpy as np
 
 from data import Tokenizer
-from decoding.exported import ExportedCache, as_key
+from decoding.exported import ExportedCache, dispatch
 from decoding.model_fns import for_decoding, lm_decoder
 from decoding.translate import SearchConfig
 from model import DecoderOnlyLM, use_mesh
@@ -64,7 +63,6 @@ class Continuer:
         self._exported = ExportedCache.for_mesh(exported, mesh)
 
     def _search(self, params, prompts, rng, new_tokens):
-        rng = as_key(rng)
         length = prompts.shape[1] + new_tokens
         fn, cache, first = lm_decoder(self.model, {"params": params}, prompts, length)
         return self.search.run(
@@ -91,17 +89,6 @@ class Continuer:
             )
         return out
 
-    def _dispatch(self, params, prompts, key, new_tokens: int):
-        """Runs one batch's search: traced here, or from ``exported``."""
-        if self._exported is None:
-            return self._run(params, prompts, key, new_tokens)
-        description = (
-            f"Continuer._search {self.model.config!r} {self.search!r} "
-            f"eos={self.tokenizer.eos_id} new_tokens={new_tokens}"
-        )
-        fn = functools.partial(self._search, new_tokens=new_tokens)
-        return self._exported(description, fn, params, prompts, jax.random.key_data(key))
-
     def continue_lines(
         self, params, lines: Sequence[str], *, first_line: int = 0
     ) -> list[list[tuple[str, float]]]:
@@ -119,6 +106,7 @@ class Continuer:
             if prompt:
                 by_length[len(prompt)].append((i, prompt))
         rng = jax.random.fold_in(jax.random.key(s.seed), first_line)
+        description = f"Continuer._search {cfg!r} {s!r} eos={self.tokenizer.eos_id}"
         with use_mesh(self.mesh):
             for p, items in sorted(by_length.items()):
                 new_tokens = max(1, min(s.extra_len, cfg.max_positions - p + 1))
@@ -131,7 +119,11 @@ class Continuer:
                     prompts[: len(chunk)] = [prompt for _, prompt in chunk]
                     prompts[len(chunk) :] = prompts[0]
                     key = jax.random.fold_in(rng, chunk[0][0])
-                    ids, scores = jax.device_get(self._dispatch(params, prompts, key, new_tokens))
+                    out = dispatch(
+                        self._exported, self._run, self._search, description, params, prompts,
+                        key, new_tokens=new_tokens,
+                    )  # fmt: skip
+                    ids, scores = jax.device_get(out)
                     for r, (i, _) in enumerate(chunk):
                         texts = self.tokenizer.decode_batch(np.asarray(ids[r]).tolist())
                         results[i] = list(zip(texts, np.asarray(scores[r]).tolist(), strict=True))

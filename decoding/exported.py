@@ -27,6 +27,7 @@ single-device programs are kept (a sharded search is traced as before).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -58,17 +59,22 @@ def code_fingerprint() -> str:
     return _CODE_HASH
 
 
-def _environment() -> str:
+@functools.cache
+def _versions() -> str:  # Looking them up takes milliseconds: once per process.
     versions = []
     for name in ("jax", "jaxlib", "flax"):
         try:
             versions.append(f"{name}={metadata.version(name)}")
         except metadata.PackageNotFoundError:
             versions.append(f"{name}=?")
+    return " ".join(versions)
+
+
+def _environment() -> str:
     options = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl")
-    versions += [f"{name}={getattr(jax.config, name)}" for name in options]
     device = jax.devices()[0]
-    return " ".join([*versions, device.platform, device.device_kind])
+    values = [f"{name}={getattr(jax.config, name)}" for name in options]
+    return " ".join([_versions(), *values, device.platform, device.device_kind])
 
 
 def signature(args) -> str:
@@ -77,11 +83,30 @@ def signature(args) -> str:
     return f"{tree} " + " ".join(f"{leaf.dtype}{list(leaf.shape)}" for leaf in leaves)
 
 
-def as_key(rng: jax.Array) -> jax.Array:
-    """``rng`` as a typed PRNG key: exported programs take a key's data (uint32) instead."""
-    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        return rng
-    return jax.random.wrap_key_data(rng)
+def dispatch(
+    cache: ExportedCache | None, jitted: Callable, fn: Callable, description: str, *args, **static
+):
+    """``jitted(*args, **static)``, or the same program through ``cache`` when there is one.
+
+    Args:
+      cache: an ``ExportedCache``, or None for plain jit.
+      jitted: ``jax.jit(fn, static_argnames=<the names in static>)``.
+      fn: the function.
+      description: what its program depends on besides the code, the arguments' shapes and
+        ``static`` (configs, ids baked into the program).
+      args: its array arguments.
+      static: its static arguments.
+    """
+    if cache is None:
+        return jitted(*args, **static)
+    return cache(f"{description} {sorted(static.items())}", functools.partial(fn, **static), *args)
+
+
+def _key_impl(x):
+    """The PRNG implementation of a typed key array, or None for anything else."""
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.key_impl(x)
+    return None
 
 
 class ExportedCache:
@@ -118,15 +143,27 @@ class ExportedCache:
           description: everything ``fn``'s program depends on besides the code and ``args``'
             shapes (configs, static arguments, ids baked into the program).
           fn: a function of the array pytrees ``args`` (its static arguments bound).
-          args: its arguments.
+          args: its arguments; typed PRNG keys among them travel as their data (an exported
+            program takes plain arrays) and reach ``fn`` as keys again.
         """
-        key = self.key(description, args)
+        impls = [_key_impl(x) for x in args]
+        data = [
+            x if i is None else jax.random.key_data(x) for x, i in zip(args, impls, strict=True)
+        ]
+        key = self.key(description, args)  # a typed key's dtype names its implementation
         call = self._calls.get(key)
         if call is None:
-            exported = self._load(key) or self._export(key, fn, args)
+
+            def with_keys(*values):
+                pairs = zip(values, impls, strict=True)
+                return fn(
+                    *(x if i is None else jax.random.wrap_key_data(x, impl=i) for x, i in pairs)
+                )
+
+            exported = self._load(key) or self._export(key, with_keys, data)
             call = jax.jit(exported.call)
             self._calls[key] = call
-        return call(*args)
+        return call(*data)
 
     def _load(self, key: str):
         path = self.path(key)

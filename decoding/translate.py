@@ -12,7 +12,6 @@ overlaps the device's decoding and the device never waits for the host between b
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ from jax.sharding import Mesh
 
 from data import Tokenizer, decoding_batches, restore_order
 from decoding.beam_search import STOPPING, beam_search
-from decoding.exported import ExportedCache, as_key
+from decoding.exported import ExportedCache, dispatch
 from decoding.model_fns import cached_decoder, for_decoding
 from decoding.sampling import greedy_search, sample
 from model import Transformer, use_mesh
@@ -152,7 +151,6 @@ class Translator:
         self._exported = ExportedCache.for_mesh(exported, mesh)
 
     def _search(self, params, src, max_lengths, rng, cache_length):
-        rng = as_key(rng)
         fn, cache = cached_decoder(self.model, {"params": params}, src, cache_length)
         return self.search.run(
             fn, cache, rng, batch_size=src.shape[0], bos_id=self.tokenizer.bos_id,
@@ -205,6 +203,10 @@ class Translator:
             return []
         cfg, extra = self.model.config, self.search.extra_len
         rng = jax.random.fold_in(jax.random.key(self.search.seed), first_line)
+        description = (  # what the search's program depends on besides code and shapes
+            f"Translator._search {cfg!r} {self.search!r} bos={self.tokenizer.bos_id} "
+            f"eos={self.tokenizer.eos_id}"
+        )
         pending = []
         with use_mesh(self.mesh):
             for i, batch in enumerate(self.batches(sources)):
@@ -218,31 +220,17 @@ class Translator:
                         "model's position table ends at max_positions=%d",
                         cut, extra, cfg.max_positions,
                     )  # fmt: skip
-                args = (
-                    params,
-                    place_batch(src, self.mesh),
-                    place_batch(limits, self.mesh),
-                    jax.random.fold_in(rng, i),
-                )
-                out = self._dispatch(args, length)
+                out = dispatch(
+                    self._exported, self._run, self._search, description, params,
+                    place_batch(src, self.mesh), place_batch(limits, self.mesh),
+                    jax.random.fold_in(rng, i), cache_length=length,
+                )  # fmt: skip
                 pending.append((batch, out))  # dispatched; read back below
             indices, outputs = [], []
             for batch, (ids, scores) in pending:
                 outputs.append(self._detokenize(batch["inputs"], _to_host(ids), _to_host(scores)))
                 indices.append(batch["index"])
         return restore_order(indices, outputs, len(sources))
-
-    def _dispatch(self, args, cache_length: int):
-        """Starts one batch's search: traced here, or from ``exported``."""
-        if self._exported is None:
-            return self._run(*args, cache_length)
-        *arrays, rng = args
-        description = (
-            f"Translator._search {self.model.config!r} {self.search!r} bos={self.tokenizer.bos_id} "
-            f"eos={self.tokenizer.eos_id} cache_length={cache_length}"
-        )
-        fn = functools.partial(self._search, cache_length=cache_length)
-        return self._exported(description, fn, *arrays, jax.random.key_data(rng))
 
     def _detokenize(self, src: np.ndarray, ids: np.ndarray, scores: np.ndarray):
         rows = []
