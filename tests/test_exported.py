@@ -156,3 +156,16 @@ def test_the_least_recently_used_exports_go_beyond_the_limit(tmp_path, monkeypat
     assert sorted(files(tmp_path)) == sorted(
         [first, cache.path(cache.key("ones 3", (np.zeros((3,), np.float32),)))]
     )
+
+
+def test_an_export_that_cannot_be_saved_still_runs_and_says_where(tmp_path, caplog):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the cache directory should be")
+    cache = exported.ExportedCache(blocker / "exported")
+    with caplog.at_level(logging.WARNING, logger="decoding.exported"):
+        got = cache("plus one", lambda x: x + 1, np.zeros((3,), np.float32))
+    np.testing.assert_array_equal(got, np.ones(3))
+    assert any(
+        "cannot save" in r.getMessage() and str(blocker / "exported") in r.getMessage()
+        for r in caplog.records
+    )
