@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from model.config import TransformerConfig
+from model.dropout import bernoulli
 from model.layers import matmul
 
 _log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def einsum_attention(
     probs = jax.nn.softmax(logits, axis=-1)
     dropped = probs
     if dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        keep = bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         dropped = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     out = jnp.einsum("bhts,bshk->bthk", dropped.astype(v.dtype), v)
     return out, probs

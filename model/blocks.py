@@ -22,6 +22,7 @@ from flax import linen as nn
 
 from model.attention import MultiHeadAttention
 from model.config import TransformerConfig
+from model.dropout import Dropout
 from model.layers import FeedForward, layer_norm
 from model.stacks import layer_stack, run_stack, unstacked
 
@@ -57,7 +58,7 @@ class EncoderLayer(_Sublayers):
         self.feed_forward = FeedForward(cfg)
         self.norm_attention = layer_norm(cfg)
         self.norm_ff = layer_norm(cfg)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
         h = self.pre(x, self.norm_attention)
@@ -87,7 +88,7 @@ class DecoderLayer(_Sublayers):
         self.feed_forward = FeedForward(cfg)
         self.norm_self = layer_norm(cfg)
         self.norm_ff = layer_norm(cfg)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def __call__(
         self,

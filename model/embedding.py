@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from model.config import TransformerConfig
+from model.dropout import Dropout
 from model.layers import matmul, sinusoidal_positions
 
 
@@ -46,7 +47,7 @@ class Embed(nn.Module):
         self.position_table = sinusoidal_positions(
             cfg.max_positions, cfg.d_model, cfg.positional_encoding
         )
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def __call__(
         self, ids: jax.Array, positions: jax.Array | None = None, *, deterministic: bool = True

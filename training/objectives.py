@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from model.dropout import bernoulli
 from model.encoder_only import mask_id
 
 MLM_RATE = 0.15
@@ -51,7 +52,7 @@ def mlm_mask(
     """
     choose, kind, random_rng = jax.random.split(rng, 3)
     regular = ids >= first_regular_id
-    chosen = regular & jax.random.bernoulli(choose, rate, ids.shape)
+    chosen = regular & bernoulli(choose, rate, ids.shape)
     u = jax.random.uniform(kind, ids.shape)
     random_ids = jax.random.randint(random_rng, ids.shape, first_regular_id, mask_id(vocab_size))
     inputs = jnp.where(chosen & (u < MLM_MASKED), mask_id(vocab_size), ids)
