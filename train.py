@@ -25,6 +25,7 @@ from ml_collections import config_flags
 
 import data
 from model.compilation import enable_compilation_cache
+from model.host_memory import tune_host_allocator
 from training import checkpoints, loop
 
 log = logging.getLogger("train")
@@ -50,6 +51,7 @@ def main(argv):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")
+    tune_host_allocator()  # before JAX starts its backend
     _maybe_initialize_distributed()
     enable_compilation_cache()
     try:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import Transformer, TransformerConfig, make_mesh
+from model.host_memory import tune_host_allocator
 from training.hardware import REPORTED_CPU_FLAGS, cpu_info, resolve_dtype
 from training.state import OptimizerConfig, init_state, make_optimizer, state_shardings
 from training.step import make_train_step, train_flops_per_step
@@ -144,9 +145,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument(
+        "--default-allocator", action="store_true",
+        help="leave glibc malloc as it is instead of train.py's tuning (model/host_memory.py)",
+    )  # fmt: skip
     args = parser.parse_args()
 
-    print(machine_line())
+    # As train.py does, before JAX starts its backend; torch, in the same process, shares it.
+    tuned = not args.default_allocator and tune_host_allocator()
+    print(machine_line() + f"; host allocator {'tuned' if tuned else 'default'}")
     peak = matmul_peak(jnp.bfloat16)
     peak32 = matmul_peak(jnp.float32)
     print(f"matmul peak (2048^3, f32 accumulation): bf16 {peak:.0f} GFLOP/s, f32 {peak32:.0f}")
