@@ -39,7 +39,6 @@ from decoding.translate import SearchConfig, Translator
 from interop.workdir import load
 from model import make_mesh
 from model.compilation import enable_compilation_cache, exported_dir
-from model.host_memory import tune_host_allocator
 
 log = logging.getLogger("decode")
 
@@ -89,7 +88,6 @@ def main(argv):
         raise app.UsageError("--workdir is required")
     if f.attention_plot and f.input == "-":
         raise app.UsageError("--attention_plot needs --input=FILE (it re-reads the first line)")
-    tune_host_allocator()  # before JAX starts its backend
     enable_compilation_cache()
     try:
         search = SearchConfig(

@@ -304,9 +304,6 @@ def main(argv=None) -> None:
         return
     if args.passes < 1 or args.beam_size < 1:
         raise SystemExit("--passes and --beam_size must be >= 1")
-    from model.host_memory import tune_host_allocator
-
-    tune_host_allocator()  # as decode.py does, before JAX starts its backend
     import jax
 
     res = measure(args)
