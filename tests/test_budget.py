@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +18,22 @@ from training.state import (
     make_optimizer,
     schedule_horizon,
 )
+
+
+def test_speed_probe_takes_the_median_step_without_paused_time(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    probe = budget.SpeedProbe()
+    for seconds in (0.2, 0.2, 1.2, 0.2, 0.2):  # a one-off stall among the first steps
+        clock[0] += seconds
+        probe.add(10)
+    with probe.paused():  # an evaluation
+        clock[0] += 50.0
+    clock[0] += 0.2
+    probe.add(10)
+    assert probe.seconds_per_step() == pytest.approx(0.2)
+    assert probe.seconds() == pytest.approx(2.2)
+    assert (probe.steps, probe.tokens) == (6, 60)
 
 
 def test_steps_fill_the_minutes_left_after_the_overhead_share():

@@ -89,6 +89,7 @@ def _loop(run: Run, stop: StopSignal) -> dict:
         else:
             window.add(tokens)
             if probe is not None:
+                jax.block_until_ready(metrics)  # time the step itself, not its dispatch
                 probe.add(tokens)
         _check_finite(pending)
         step += 1
@@ -145,7 +146,7 @@ def _choose_steps(run: Run, step: int, probe: budget.SpeedProbe, metrics) -> Non
     jax.block_until_ready(metrics)  # the steps dispatched so far have run
     elapsed_s = time.monotonic() - run.started
     plan = budget.plan_from_speed(
-        run.config, step=step, seconds_per_step=probe.seconds() / probe.steps, elapsed_s=elapsed_s
+        run.config, step=step, seconds_per_step=probe.seconds_per_step(), elapsed_s=elapsed_s
     )
     run.plan, run.measure = budget.share(plan), False
     log.info("%s", budget.describe(run.plan, run.config, step=step, elapsed_s=elapsed_s))
