@@ -209,10 +209,11 @@ def describe(plan: Plan, config: ml_collections.ConfigDict, *, step: int, elapse
 class SpeedProbe(Window):
     """Times each step after the compiling one, without paused time; the speed is the median.
 
-    ``add`` is called once a step has run. The median, not the mean: a one-off stall among the
-    first steps (about 1 s once the host allocator keeps its memory, ``model.host_memory``, while
-    the heap grows to its working size) made the mean of 20 steps 1.45x the steady step, and a
-    25-minute budget trained for 16.9 minutes (the default config, 2-core Intel Xeon with AMX).
+    ``add`` is called once a step has run. The median, not the mean: with the host allocator
+    keeping its memory (``model.host_memory``), a few of the first steps stall (one took 1.0 s
+    against 0.31 s in the probe model's first 40 steps), which made the mean of 20 steps 1.45x
+    the steady step, and a 25-minute budget trained for 16.9 minutes (the default config, 2-core
+    Intel Xeon with AMX).
     """
 
     def reset(self) -> float:
