@@ -45,7 +45,7 @@ def threefry_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array | None:
     ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
     # The counter of element i is the 64-bit integer i (its row-major index); built from
     # broadcast iotas rather than a reshaped one so that a sharded shape stays sharded.
-    strides = np.cumprod((1, *shape[:0:-1]))[::-1]
+    strides = np.cumprod((1, *shape[:0:-1]))[::-1] if shape else ()
     low = sum(
         jax.lax.broadcasted_iota(jnp.uint32, shape, d) * np.uint32(s) for d, s in enumerate(strides)
     )

@@ -12,7 +12,7 @@ import model.embedding
 from model import Transformer, TransformerConfig
 from model.dropout import Dropout, bernoulli, threefry_bits
 
-SHAPES = [(1,), (7,), (3, 5, 11), (2, 1, 3), (4, 64, 32)]
+SHAPES = [(), (1,), (7,), (3, 5, 11), (2, 1, 3), (4, 64, 32)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
