@@ -1,5 +1,6 @@
 """--config.train_minutes: the number of steps chosen from the first steps' speed, and kept."""
 
+import dataclasses
 import json
 import logging
 import math
@@ -66,6 +67,37 @@ def test_the_cap_and_a_spent_budget():
     spent = budget.plan_from_speed(cfg, step=21, seconds_per_step=0.1, elapsed_s=3600.0)
     assert spent.num_train_steps == 21  # the budget is gone: stop at once
     assert "the budget is spent already" in budget.describe(spent, cfg, step=21, elapsed_s=3600)
+
+
+def test_the_second_look_moves_only_the_end_to_fit_the_rate_so_far(caplog):
+    cfg = tiny_config(train_minutes=10.0, num_train_steps=100_000)
+    first = budget.Plan(1000, 100, 200, 1.0, train_minutes=10.0, seconds_per_step=0.4)
+    assert budget.replan_step(first, 21) == 21 + math.ceil((1000 - 21) / 3)
+    # 300 s spent, 10 s kept for the final evaluation: 290 s at 0.5 s/step, everything included.
+    plan = budget.replan(
+        first, cfg, step=400, seconds_per_step=0.5, elapsed_s=300.0, final_eval_s=10.0
+    )
+    assert plan == budget.Plan(980, 100, 200, 1.0, 10.0, 0.5, replanned_at=400)
+    assert budget.replan_step(plan, 21) is None  # one second look only
+    assert budget.Plan.from_dict(plan.to_dict()) == plan
+    # Too little time left for the cooldown: it still runs whole, and the overrun is said.
+    late = budget.replan(
+        first, cfg, step=400, seconds_per_step=0.5, elapsed_s=580.0, final_eval_s=10.0
+    )
+    assert late.num_train_steps == 400 + 200
+    assert "the cooldown takes 200: the run will overrun its budget" in caplog.text
+    capped = budget.replan(
+        first, tiny_config(train_minutes=10.0, num_train_steps=700), step=400,
+        seconds_per_step=0.5, elapsed_s=300.0, final_eval_s=10.0,
+    )  # fmt: skip
+    assert capped.num_train_steps == 700
+
+
+def test_no_second_look_inside_the_warmup_or_the_cooldown_or_without_a_budget():
+    plan = budget.Plan(1000, 100, 200, 1.0, train_minutes=10.0, seconds_per_step=0.4)
+    assert budget.replan_step(dataclasses.replace(plan, warmup_steps=400), 21) is None
+    assert budget.replan_step(dataclasses.replace(plan, cooldown_steps=700), 21) is None
+    assert budget.replan_step(dataclasses.replace(plan, train_minutes=0.0), 21) is None
 
 
 @pytest.mark.parametrize("minutes", [-1.0, -0.01, float("nan")])
@@ -146,3 +178,42 @@ def test_train_minutes_chooses_saves_and_keeps_the_number_of_steps(tmp_path, mon
     np.testing.assert_allclose(
         [r["learning_rate"] for r in resumed], [r["learning_rate"] for r in rows[22:]], rtol=1e-6
     )
+
+
+def test_the_second_look_sets_the_last_step_the_run_then_trains_to(tmp_path, monkeypatch):
+    looks = []
+    real_replan = budget.replan
+
+    def first_look(config, *, step, seconds_per_step, elapsed_s):
+        return budget.Plan(60, 2, 6, 1.0, train_minutes=config.train_minutes,
+                           seconds_per_step=seconds_per_step)  # fmt: skip
+
+    def second_look(plan, config, *, step, seconds_per_step, elapsed_s, final_eval_s):
+        looks.append((step, seconds_per_step, elapsed_s, final_eval_s))
+        # The real choice, with 1.1 s left at 0.1 s/step (the test machine's speed varies).
+        return real_replan(
+            plan, config, step=step, seconds_per_step=0.1,
+            elapsed_s=60 * plan.train_minutes - 1.1, final_eval_s=0.0,
+        )  # fmt: skip
+
+    monkeypatch.setattr(budget, "plan_from_speed", first_look)
+    monkeypatch.setattr(budget, "replan", second_look)
+    changes = dict(train_minutes=5.0, num_train_steps=100_000, warmup_steps=2, cooldown_steps=6,
+                   checkpoint_every_steps=1000, **QUIET)  # fmt: skip
+    training.loop.train_and_evaluate(tiny_config(**changes), tmp_path)
+    first_step = budget.MEASURE_STEPS + 1
+    [(step, rate, elapsed_s, final_eval_s)] = looks
+    assert step == first_step + math.ceil((60 - first_step) / 3)
+    assert rate > 0 and elapsed_s > 0 and final_eval_s == 0.0  # no evaluation ran
+    total = step + 11
+    rows = metric_rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, total + 1))
+    saved = budget.Plan.from_dict(checkpoint_meta(tmp_path, total)["plan"])
+    assert saved == budget.Plan(total, 2, 6, 1.0, 5.0, 0.1, replanned_at=step)
+    # From the step after the second look on, the schedule cools down to the new last step.
+    config = tiny_config(**changes)
+    _, schedule = make_optimizer(OptimizerConfig.from_config(config), 32)
+    for row in rows[step:]:
+        expected = float(schedule(row["step"] - 1, saved.horizon()))
+        assert row["learning_rate"] == pytest.approx(expected, rel=1e-5), row["step"]
+    assert rows[-1]["learning_rate"] < rows[total - 7]["learning_rate"] / 5

@@ -16,12 +16,21 @@ How the number is chosen (``SpeedProbe`` and ``plan_from_speed``):
   ``sqrt(new warmup / warmup_steps)`` so the peak rate stays the configured one (the paper's
   schedule peaks at ``d_model^-0.5 * warmup^-0.5``, which a shorter warmup would raise).
 
+A second look (``replan``): the first steps' speed leaves out what a whole run also spends,
+the evaluations and checkpoints (whose count grows with the steps chosen) and the steps'
+slower moments (the default config's run went at 0.181 s/step where its first steps' median was
+0.171, and its 25 minutes took 26.9). So once a third of the chosen steps beyond the first
+look have run (``REPLAN_SHARE``), the rate since the first look, everything included, sets the
+last step again, keeping one evaluation's time for the final one. Only the end moves: the
+second look happens only once the warmup is over and before the cooldown starts, and the
+cooldown keeps its length (a budget too short for it overruns, with a warning).
+
 The measured steps train with the configured warmup and cooldown; the chosen numbers apply from
 the next step on (they reach the compiled step as an input, ``training.state.schedule_horizon``,
 so nothing recompiles). The plan is saved in every later checkpoint's metadata (``meta['plan']``)
 and a resumed run keeps it instead of measuring again, so its schedule and its last step are
 those of the run it continues. A run stopped before the plan was made measures again (its
-budget counted from its own start).
+budget counted from its own start); one resumed between the two looks keeps the first.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ log = logging.getLogger("train")
 MEASURE_STEPS = 20  # timed steps (after the compiling one) before the number is chosen
 MEASURE_SECONDS = 30.0  # ... or fewer (at least 2) once they took this long
 OVERHEAD_SHARE = 0.05  # of the remaining time, for evaluations, checkpoints, the final eval
+REPLAN_SHARE = 1 / 3  # of the steps chosen beyond the first look, run before the second look
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +66,9 @@ class Plan:
       cooldown_steps: the linear cooldown at the end (0: none).
       rate_factor: multiplies the learning rate (below 1 only where the warmup was shrunk).
       train_minutes: the budget it was chosen for (0: ``num_train_steps`` from the config).
-      seconds_per_step: the measured speed it was chosen from (0 without a budget).
+      seconds_per_step: the measured speed it was chosen from (0 without a budget); after
+        the second look, the rate with evaluations and checkpoints included.
+      replanned_at: the step of the second look (0: not taken, see ``replan``).
     """
 
     num_train_steps: int
@@ -65,6 +77,7 @@ class Plan:
     rate_factor: float = 1.0
     train_minutes: float = 0.0
     seconds_per_step: float = 0.0
+    replanned_at: int = 0
 
     def horizon(self):
         """The train step's schedule input (``training.state.schedule_horizon``)."""
@@ -186,6 +199,55 @@ def plan_from_speed(
     return Plan(total, warmup, cooldown, factor, **measured)
 
 
+def replan_step(plan: Plan, first_step: int) -> int | None:
+    """The step of the second look for a plan chosen at ``first_step``, or None when the run
+    takes none (no budget, or the warmup or the cooldown would span it)."""
+    if not plan.train_minutes or plan.replanned_at:
+        return None
+    step = first_step + math.ceil(REPLAN_SHARE * (plan.num_train_steps - first_step))
+    if step < plan.warmup_steps or step > plan.num_train_steps - plan.cooldown_steps:
+        return None
+    return step
+
+
+def replan(
+    plan: Plan,
+    config: ml_collections.ConfigDict,
+    *,
+    step: int,
+    seconds_per_step: float,
+    elapsed_s: float,
+    final_eval_s: float,
+) -> Plan:
+    """The second look: the last step that fits the budget at the rate of the run so far.
+
+    Args:
+      plan: the plan chosen from the first steps.
+      config: the run's config (``num_train_steps`` stays the cap).
+      step: steps done so far (``replan_step``).
+      seconds_per_step: wall-clock seconds per step since the first look, evaluations and
+        checkpoints included.
+      elapsed_s: seconds of the budget spent so far.
+      final_eval_s: the time kept for the final evaluation (the last one's).
+
+    Returns:
+      ``plan`` with a new ``num_train_steps`` (warmup, cooldown and rate factor unchanged): at
+      least ``step + plan.cooldown_steps``, so the cooldown runs whole.
+    """
+    left_s = 60.0 * plan.train_minutes - elapsed_s - final_eval_s
+    fits = step + math.floor(max(left_s, 0.0) / seconds_per_step)
+    total = min(max(fits, step + plan.cooldown_steps), config.num_train_steps)
+    if total > fits:
+        log.warning(
+            "train_minutes=%g: %d more steps fit, but the cooldown takes %d: the run will "
+            "overrun its budget",
+            plan.train_minutes, fits - step, plan.cooldown_steps,
+        )  # fmt: skip
+    return dataclasses.replace(
+        plan, num_train_steps=total, seconds_per_step=float(seconds_per_step), replanned_at=step
+    )
+
+
 def describe(plan: Plan, config: ml_collections.ConfigDict, *, step: int, elapsed_s: float) -> str:
     """One log line saying what was chosen and why."""
     cap = " (the num_train_steps cap)" if plan.num_train_steps == config.num_train_steps else ""
@@ -254,8 +316,8 @@ def share(plan: Plan) -> Plan:
 
     numbers = np.array(
         [plan.num_train_steps, plan.warmup_steps, plan.cooldown_steps, plan.rate_factor,
-         plan.train_minutes, plan.seconds_per_step],
+         plan.train_minutes, plan.seconds_per_step, plan.replanned_at],
         np.float32,  # what broadcast_one_to_all carries without x64; steps < 2^24 stay exact
     )  # fmt: skip
     n = multihost_utils.broadcast_one_to_all(numbers)
-    return Plan(int(n[0]), int(n[1]), int(n[2]), float(n[3]), float(n[4]), float(n[5]))
+    return Plan(int(n[0]), int(n[1]), int(n[2]), float(n[3]), float(n[4]), float(n[5]), int(n[6]))

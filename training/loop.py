@@ -76,6 +76,8 @@ def _loop(run: Run, stop: StopSignal) -> dict:
     compile_s = None
     horizon = run.plan.horizon()  # the schedule's numbers, an input of the compiled step
     probe = None  # times the first steps when train_minutes chooses the number of steps
+    first_look = second_look = None  # (step, time) of the choice; the step of the second look
+    eval_s = 0.0  # the last evaluation's duration, kept for the final one by the second look
     while step < run.plan.num_train_steps:
         local = _next_batch(run.iterator, config.grad_accum_steps)
         tokens = int((local["inputs"] > 0).sum() + (local["targets"] > 0).sum())
@@ -97,6 +99,10 @@ def _loop(run: Run, stop: StopSignal) -> dict:
         if probe is not None and probe.due():
             _choose_steps(run, step, probe, metrics)
             horizon, probe = run.plan.horizon(), None
+            first_look, second_look = (step, time.monotonic()), budget.replan_step(run.plan, step)
+        elif step == second_look:
+            _look_again(run, step, first_look, eval_s, metrics)
+            horizon = run.plan.horizon()
 
         is_last = step == run.plan.num_train_steps
         if step % config.log_every_steps == 0 or is_last:
@@ -108,7 +114,9 @@ def _loop(run: Run, stop: StopSignal) -> dict:
             at_end = is_last and config.eval_at_end
             if _evaluation_due(config, step, at_end):
                 _check_finite(pending)
+                started = time.monotonic()
                 _evaluate(run, step, at_end)
+                eval_s = time.monotonic() - started
             check_signal = jax.process_count() == 1 or step % config.log_every_steps == 0
             stopping = check_signal and stop.agreed()
             minutes = (time.monotonic() - last_save) / 60
@@ -150,6 +158,26 @@ def _choose_steps(run: Run, step: int, probe: budget.SpeedProbe, metrics) -> Non
     )
     run.plan, run.measure = budget.share(plan), False
     log.info("%s", budget.describe(run.plan, run.config, step=step, elapsed_s=elapsed_s))
+    run.writer.set_total(run.plan.num_train_steps)
+
+
+def _look_again(run: Run, step: int, first_look: tuple[int, float], eval_s: float, metrics):
+    """Sets the last step again from the rate since the first look (``training.budget.replan``)."""
+    jax.block_until_ready(metrics)
+    now = time.monotonic()
+    rate = (now - first_look[1]) / (step - first_look[0])
+    before = run.plan.num_train_steps
+    plan = budget.replan(
+        run.plan, run.config, step=step, seconds_per_step=rate, elapsed_s=now - run.started,
+        final_eval_s=eval_s,
+    )  # fmt: skip
+    run.plan = budget.share(plan)
+    log.info(
+        "train_minutes=%g: %.3f s/step since step %d, evaluations and checkpoints included, "
+        "%.1f min spent by step %d: training to step %d instead of %d",
+        plan.train_minutes, rate, first_look[0], (now - run.started) / 60, step,
+        run.plan.num_train_steps, before,
+    )  # fmt: skip
     run.writer.set_total(run.plan.num_train_steps)
 
 
