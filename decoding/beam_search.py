@@ -17,9 +17,10 @@ hypotheses among those with ``n <= max_lengths[b]``:
   live.
 * At a sentence's length limit only EOS may follow, so every output ends with EOS.
 * Padding (id 0) is never emitted; tokens after EOS are 0.
-* ``stopping="exact"`` (the default): a sentence is done once its ``n_best``-th finished score
-  is at least the best score any live hypothesis could still reach (its log-probability can
-  only fall, and lp is monotonic, so the bound is ``log P / max(lp(i + 1), lp(limit))``).
+* ``stopping="exact"`` (the default, and the rule of Tensor2Tensor's beam search, the paper's
+  code): a sentence is done once its ``n_best``-th finished score is at least the best score
+  any live hypothesis could still reach (its log-probability can only fall, and lp is
+  monotonic, so the bound is ``log P / max(lp(i + 1), lp(limit))``).
   Nothing a longer search could find would change the result.
 * ``stopping="count"``: a sentence is done once W hypotheses have finished, the rule of
   fairseq and of CTranslate2 with a length penalty. It usually stops sooner and returns the
