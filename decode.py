@@ -201,8 +201,8 @@ def define_flags() -> None:
     )  # fmt: skip
     flags.DEFINE_enum(
         "dtype", "auto", ["auto", "float32", "bfloat16", "float16"],
-        "Compute dtype to decode in; auto: float32 on CPU (faster there), the training dtype on "
-        "GPU/TPU.",
+        "Compute dtype to decode in; auto: the training dtype on GPU/TPU and on CPUs with AMX, "
+        "float32 on other CPUs (faster there).",
     )  # fmt: skip
     flags.DEFINE_integer("chunk_lines", 10_000, "Lines read, sorted and written at a time.")
     flags.DEFINE_bool("scores", False, "Write each hypothesis's score before it.")

@@ -2,7 +2,8 @@
 
     python -m bench.decode_vs_ctranslate2 --workdir=DIR --input=FILE [--reference=FILE] \
         [--checkpoint=latest] [--beam_size=4] [--alpha=0.6] [--stopping=exact|count] \
-        [--passes=3] [--batch_tokens=0] [--ct2_threads=0]
+        [--passes=3] [--batch_tokens=0] [--ct2_threads=0] [--dtype=auto] \
+        [--ct2_compute_type=float32]
 
 Needs ``pip install -e ".[ctranslate2]"``. The checkpoint is exported (float32) to a temporary
 directory, then both engines translate the whole file, passes interleaved, medians reported:
@@ -14,6 +15,13 @@ directory, then both engines translate the whole file, passes interleaved, media
   ``translate_batch`` (``interop.ctranslate2_run.translate``, ``intra_threads`` = the usable cores)
   on all lines, after one warm-up pass each. The project's compile time is its first pass
   minus its median pass (the same difference for CTranslate2 is its warm-up overhead).
+
+Numerics: decode.py computes in ``--dtype`` (``auto``: a bf16-trained model decodes in bf16 on
+CPUs with AMX and in float32 on other CPUs, see ``decode.py``) and CTranslate2 in
+``--ct2_compute_type`` (its ``compute_type``; ``float32`` by default). ``--dtype=float32`` against
+CTranslate2 float32 is the like-for-like comparison. Other pairs (bf16 against float32, or
+anything against int8) trade exactness for speed in different ways, so compare their BLEU and
+their share of identical outputs as well as their speed.
 
 Each engine's passes are printed too (shared machines are noisy: judge the medians by them).
 
@@ -73,7 +81,10 @@ def ct2_worker(args) -> None:
     # Workdirs written before the field's rename call it max_len (model.config._RENAMED).
     max_positions = fields["max_positions"] if "max_positions" in fields else fields["max_len"]
     tokenizer = Tokenizer.load(Path(args.model) / "tokenizer.model")
-    translator = ctranslate2.Translator(args.model, device="cpu", intra_threads=args.ct2_threads)
+    translator = ctranslate2.Translator(
+        args.model, device="cpu", intra_threads=args.ct2_threads,
+        compute_type=args.ct2_compute_type,
+    )  # fmt: skip
     outputs = translate(
         translator, tokenizer, read_lines(args.input), max_positions=max_positions,
         beam_size=args.beam_size, alpha=args.alpha, extra_len=args.extra_len,
@@ -124,14 +135,15 @@ def whole_run_commands(args, model_dir: Path, tmp: Path) -> dict[str, tuple[list
         sys.executable, "decode.py", f"--workdir={args.workdir}", f"--input={args.input}",
         f"--output={project_out}", f"--checkpoint={args.checkpoint}",
         f"--batch_tokens={args.batch_tokens}", f"--beam_size={args.beam_size}",
-        f"--alpha={args.alpha}", f"--stopping={args.stopping}", *method,
+        f"--alpha={args.alpha}", f"--stopping={args.stopping}", f"--dtype={args.dtype}",
+        *method,
     ]  # fmt: skip
     ct2 = [
         sys.executable, "-m", "bench.decode_vs_ctranslate2", "--ct2_worker",
         f"--model={model_dir}", f"--workdir={args.workdir}", f"--input={args.input}",
         f"--output={ct2_out}", f"--ct2_threads={args.ct2_threads}",
         f"--batch_tokens={args.batch_tokens or CT2_BATCH_TOKENS}",
-        *search,
+        f"--ct2_compute_type={args.ct2_compute_type}", *search,
     ]  # fmt: skip
     return {"decode.py": (project, project_out), "ctranslate2": (ct2, ct2_out)}
 
@@ -176,9 +188,13 @@ def _measure(args, tmp: Path) -> dict:
         method=method, beam_size=args.beam_size, alpha=args.alpha, stopping=args.stopping
     )
     project = Translator(
-        model, tokenizer, search, mesh=mesh, tokens_per_batch=args.batch_tokens or None
-    )
-    ct2 = ctranslate2.Translator(str(model_dir), device="cpu", intra_threads=args.ct2_threads)
+        model, tokenizer, search, mesh=mesh, tokens_per_batch=args.batch_tokens or None,
+        dtype=args.dtype,
+    )  # fmt: skip
+    ct2 = ctranslate2.Translator(
+        str(model_dir), device="cpu", intra_threads=args.ct2_threads,
+        compute_type=args.ct2_compute_type,
+    )  # fmt: skip
     run = {
         "decode.py": lambda: [nbest[0][0] for nbest in project.translate(params, sources)],
         "ctranslate2": lambda: translate(
@@ -282,6 +298,14 @@ def parse_args(argv=None):
         f"{CT2_BATCH_TOKENS} for CTranslate2)",
     )  # fmt: skip
     parser.add_argument("--ct2_threads", type=int, default=0, help="0: the usable cores")
+    parser.add_argument(
+        "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+        help="decode.py's --dtype (auto: see decode.py --help)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ct2_compute_type", default="float32",
+        help="CTranslate2's compute_type: float32 (like for like), int8, int16, int8_float32, ...",
+    )  # fmt: skip
     parser.add_argument("--ct2_worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -309,8 +333,9 @@ def main(argv=None) -> None:
     res = measure(args)
     search = "greedy" if args.beam_size == 1 else f"beam {args.beam_size}, alpha {args.alpha}"
     print(
-        f"\n{args.workdir} ({args.checkpoint}), {search}; CTranslate2 float32 with "
-        f"{args.ct2_threads} threads; JAX on {jax.device_count()} {jax.default_backend()} device(s)"
+        f"\n{args.workdir} ({args.checkpoint}), {search}; decode.py --dtype={args.dtype}; "
+        f"CTranslate2 {args.ct2_compute_type} with {args.ct2_threads} threads; JAX on "
+        f"{jax.device_count()} {jax.default_backend()} device(s)"
     )
     print(table(res, args.passes))
 

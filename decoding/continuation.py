@@ -35,7 +35,7 @@ class Continuer:
       search: a SearchConfig (default: beam 4); ``extra_len`` is the most new tokens (EOS included).
       mesh: optional device mesh (the batches run inside it; rows are not split).
       tokens_per_batch: budget of prompt + new tokens per batch (rows x L); None: 4,096.
-      dtype: the compute dtype to decode in ("auto": float32 on CPU, the model's elsewhere).
+      dtype: the compute dtype to decode in ("auto": as for ``Translator``).
       exported: optional directory of traced searches (``decoding.exported``; one device only),
         as for ``Translator``: every prompt length is a shape, so a warm run saves much tracing.
     """

@@ -37,11 +37,12 @@ log = logging.getLogger(__name__)
 
 def for_decoding(model, dtype: str = "auto"):
     """The same model computing in the decoding dtype (``training.hardware.resolve_decode_dtype``:
-    ``"auto"`` is float32 on CPU and the training dtype elsewhere); the parameters fit both."""
+    ``"auto"`` is the training dtype on accelerators and CPUs with AMX, float32 on other CPUs);
+    the parameters fit both. Logs the choice and its reason."""
     chosen, reason = resolve_decode_dtype(dtype, model.config.dtype)
+    log.info("decoding in %s (%s)", chosen, reason)
     if chosen == model.config.dtype:
         return model
-    log.info("decoding in %s (%s)", chosen, reason)
     return type(model)(dataclasses.replace(model.config, dtype=chosen))
 
 

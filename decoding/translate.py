@@ -120,8 +120,9 @@ class Translator:
       mesh: optional device mesh; batches are split along its data x fsdp axes.
       tokens_per_batch: source-token budget per batch (rows x width); None:
         ``default_tokens_per_batch()``.
-      dtype: the compute dtype to decode in; "auto": float32 on CPU, the model's elsewhere
-        (``decoding.model_fns.for_decoding``). ``self.model`` is the model that decodes.
+      dtype: the compute dtype to decode in; "auto": the model's on accelerators and CPUs
+        with AMX, float32 on other CPUs (``decoding.model_fns.for_decoding``). ``self.model``
+        is the model that decodes.
       exported: optional directory of traced searches (``decoding.exported``): a batch shape
         searched once, by any run, is not traced again. Used when the mesh (or, without one,
         the process) has a single device; sharded searches are traced as before.

@@ -27,7 +27,7 @@ def test_benchmark_prints_both_engines_and_their_ratio(tiny_workdir, tmp_path, c
     out = capsys.readouterr().out
     print(out)
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
-    assert "beam 2, alpha 0.6" in out
+    assert "beam 2, alpha 0.6; decode.py --dtype=auto; CTranslate2 float32 with 1 threads" in out
     for engine in ("decode.py", "ctranslate2", "project/CT2"):
         assert len(rows[engine]) == 7, out  # 4 speeds, compile s, peak RSS, BLEU
     assert float(rows["decode.py"][0]) > 0 and float(rows["ctranslate2"][0]) > 0
@@ -47,7 +47,22 @@ def test_lines_are_read_like_decode_py(tmp_path):
     assert decode_vs_ctranslate2.read_lines(path) == ["one", "two", "", "four\u2028still four"]
 
 
-def test_the_ctranslate2_worker_reads_a_workdir_from_before_the_max_len_rename(tmp_path):
+def test_both_whole_runs_get_their_engine_s_numerics(tmp_path):
+    args = decode_vs_ctranslate2.parse_args(
+        ["--workdir=w", "--input=in.txt", "--dtype=bfloat16", "--ct2_compute_type=int8"]
+    )
+    commands = decode_vs_ctranslate2.whole_run_commands(args, tmp_path / "ct2", tmp_path)
+    project, ct2 = commands["decode.py"][0], commands["ctranslate2"][0]
+    assert "--dtype=bfloat16" in project and not any("compute_type" in a for a in project)
+    assert "--ct2_compute_type=int8" in ct2 and not any(a.startswith("--dtype") for a in ct2)
+    defaults = decode_vs_ctranslate2.parse_args(["--workdir=w", "--input=in.txt"])
+    assert (defaults.dtype, defaults.ct2_compute_type) == ("auto", "float32")
+
+
+@pytest.mark.parametrize("compute_type", ["float32", "int8"])
+def test_the_ctranslate2_worker_reads_a_workdir_from_before_the_max_len_rename(
+    tmp_path, compute_type
+):
     from interop.ctranslate2 import export
     from interop.workdir import read_workdir
 
@@ -57,7 +72,8 @@ def test_the_ctranslate2_worker_reads_a_workdir_from_before_the_max_len_rename(t
     src.write_text("\n".join(SOURCES) + "\n", encoding="utf-8")
     decode_vs_ctranslate2.main(
         ["--ct2_worker", f"--model={model}", f"--workdir={LEGACY}", f"--input={src}",
-         f"--output={out}", "--ct2_threads=1", "--beam_size=2", "--alpha=0.6", "--extra_len=5"]
+         f"--output={out}", "--ct2_threads=1", "--beam_size=2", "--alpha=0.6", "--extra_len=5",
+         f"--ct2_compute_type={compute_type}"]
     )  # fmt: skip
     lines = out.read_text(encoding="utf-8").split("\n")
     assert len(lines) == len(SOURCES) + 1 and lines[-1] == "" and lines[2] == ""

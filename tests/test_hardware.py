@@ -44,19 +44,32 @@ def test_a_concrete_dtype_is_kept_whatever_the_hardware(requested):
     )
 
 
+AMX = frozenset({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+NO_AMX = frozenset({"avx512f", "avx512_bf16"})
+
+
 @pytest.mark.parametrize(
-    "requested, trained, backend, expected",
+    "requested, trained, backend, flags, expected",
     [
-        ("auto", "bfloat16", "cpu", "float32"),  # the CPU's bf16 cache attention is slower
-        ("auto", "float32", "cpu", "float32"),
-        ("auto", "bfloat16", "gpu", "bfloat16"),
-        ("auto", "float32", "tpu", "float32"),
-        ("bfloat16", "float32", "cpu", "bfloat16"),  # asked for: kept
-        ("float32", "bfloat16", "gpu", "float32"),
+        ("auto", "bfloat16", "cpu", NO_AMX, "float32"),  # bf16 is slower there
+        ("auto", "bfloat16", "cpu", frozenset(), "float32"),
+        ("auto", "bfloat16", "cpu", AMX, "bfloat16"),  # AMX: the training dtype is faster
+        ("auto", "float32", "cpu", AMX, "float32"),  # never below the training precision
+        ("auto", "float16", "cpu", AMX, "float32"),  # float16 matmuls are emulated on CPUs
+        ("auto", "bfloat16", "gpu", NO_AMX, "bfloat16"),
+        ("auto", "float32", "tpu", AMX, "float32"),
+        ("bfloat16", "float32", "cpu", NO_AMX, "bfloat16"),  # asked for: kept
+        ("float32", "bfloat16", "cpu", AMX, "float32"),
+        ("float32", "bfloat16", "gpu", NO_AMX, "float32"),
     ],
 )
-def test_decode_dtype(requested, trained, backend, expected):
-    assert hardware.resolve_decode_dtype(requested, trained, backend=backend)[0] == expected
+def test_decode_dtype(requested, trained, backend, flags, expected):
+    chosen, reason = hardware.resolve_decode_dtype(
+        requested, trained, backend=backend, cpu_flags=flags
+    )
+    assert chosen == expected
+    if requested == "auto" and backend == "cpu" and trained == "bfloat16":
+        assert ("with amx_bf16" in reason) == (flags is AMX), reason
 
 
 def test_cpu_info_reads_model_name_and_flags(tmp_path):

@@ -130,14 +130,25 @@ def test_a_checkpoint_loads_on_another_number_of_devices(tiny_workdir, tiny_load
         assert [g[0][0] for g in got] == [e[0][0] for e in expected]
 
 
-def test_a_bf16_model_decodes_in_float32_on_cpu_unless_asked(tiny_loaded):
+@pytest.mark.parametrize("amx", [False, True])
+def test_a_bf16_model_decodes_in_bf16_on_cpu_only_with_amx(tiny_loaded, monkeypatch, amx):
+    from training import hardware
+
+    flags = {"avx512f", "avx512_bf16"} | ({"amx_bf16", "amx_tile"} if amx else set())
+    monkeypatch.setattr(hardware, "cpu_info", lambda: ("a test CPU", frozenset(flags)))
     model, params, tokenizer = tiny_loaded
     bf16 = type(model)(dataclasses.replace(model.config, dtype="bfloat16"))
     auto = Translator(bf16, tokenizer, SearchConfig(method="greedy"))
-    kept = Translator(bf16, tokenizer, SearchConfig(method="greedy"), dtype="bfloat16")
-    assert auto.model.config.dtype == "float32" and kept.model.config.dtype == "bfloat16"
-    f32 = Translator(model, tokenizer, SearchConfig(method="greedy"))
-    assert auto.translate(params, LINES) == f32.translate(params, LINES)
+    asked = {
+        d: Translator(bf16, tokenizer, SearchConfig(method="greedy"), dtype=d)
+        for d in ("float32", "bfloat16")
+    }
+    want = "bfloat16" if amx else "float32"
+    assert auto.model.config.dtype == want
+    assert {d: t.model.config.dtype for d, t in asked.items()} == {d: d for d in asked}
+    assert auto.translate(params, LINES) == asked[want].translate(params, LINES)
+    f32 = Translator(model, tokenizer, SearchConfig(method="greedy"))  # trained in float32
+    assert f32.model.config.dtype == "float32"
 
 
 def test_search_config_refuses_an_unknown_stopping_rule():
