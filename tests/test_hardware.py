@@ -3,6 +3,8 @@
 import json
 import logging
 
+import jax
+import numpy as np
 import pytest
 
 import training.loop
@@ -70,6 +72,26 @@ def test_decode_dtype(requested, trained, backend, flags, expected):
     assert chosen == expected
     if requested == "auto" and backend == "cpu" and trained == "bfloat16":
         assert ("with amx_bf16" in reason) == (flags is AMX), reason
+
+
+@pytest.mark.parametrize("here, process0", [(AMX, NO_AMX), (NO_AMX, AMX), (AMX, AMX)])
+def test_all_processes_decode_in_process_0_s_dtype(monkeypatch, here, process0):
+    from jax.experimental import multihost_utils
+
+    sent = []
+
+    def broadcast(x):  # what process 0, with its own CPU, would have sent
+        sent.append(int(x))
+        return np.int32("amx_bf16" in process0)
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast)
+    chosen, reason = hardware.resolve_decode_dtype(
+        "auto", "bfloat16", backend="cpu", cpu_flags=here
+    )
+    assert sent == [int("amx_bf16" in here)]
+    assert chosen == ("bfloat16" if process0 is AMX else "float32")
+    assert ("process 0 chose" in reason) == (here is not process0)
 
 
 def test_cpu_info_reads_model_name_and_flags(tmp_path):

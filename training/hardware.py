@@ -118,11 +118,22 @@ def resolve_decode_dtype(
     if cpu_flags is None:
         cpu_flags = cpu_info()[1]
     if "amx_bf16" in cpu_flags:
-        return trained, f"decode dtype=auto on a CPU with amx_bf16: the training dtype {trained}"
-    return "float32", (
-        f"decode dtype=auto on a CPU without amx_bf16: float32, faster there than the training "
-        f"dtype {trained}"
-    )
+        dtype = trained
+        reason = f"decode dtype=auto on a CPU with amx_bf16: the training dtype {trained}"
+    else:
+        dtype = "float32"
+        reason = (
+            f"decode dtype=auto on a CPU without amx_bf16: float32, faster there than the "
+            f"training dtype {trained}"
+        )
+    if jax.process_count() > 1:  # Unlike CPUs must still run one program (as resolve_dtype's).
+        from jax.experimental import multihost_utils
+
+        amx = bool(multihost_utils.broadcast_one_to_all(np.int32(dtype == trained)))
+        if amx != (dtype == trained):
+            dtype = trained if amx else "float32"
+            reason = f"decode dtype=auto: process 0 chose {dtype} (all processes decode alike)"
+    return dtype, reason
 
 
 def resolve_workdir_dtype(requested: str, workdir: str | Path | None = None) -> tuple[str, str]:
