@@ -96,8 +96,8 @@ def resolve_decode_dtype(
     AVX512-BF16, no AMX). With AMX (``amx_bf16``) bf16 is the fast path: the default model
     translated the dev set 1.53x faster in bf16 (one process, passes alternated; 1.40-1.44x
     for the whole command), BLEU 17.39 against 17.38, 732 of 902 outputs the same as float32's
-    (2-core Intel Xeon with AMX). A model trained in
-    float32 (or float16) decodes in float32 on CPUs. The weights are float32 either way.
+    (2-core Intel Xeon with AMX). A model trained in float32 (or float16) decodes in float32
+    on CPUs. The weights are float32 either way.
 
     Args:
       requested: a dtype name (returned as it is) or ``"auto"``.
@@ -126,14 +126,21 @@ def resolve_decode_dtype(
             f"decode dtype=auto on a CPU without amx_bf16: float32, faster there than the "
             f"training dtype {trained}"
         )
-    if jax.process_count() > 1:  # Unlike CPUs must still run one program (as resolve_dtype's).
-        from jax.experimental import multihost_utils
-
-        amx = bool(multihost_utils.broadcast_one_to_all(np.int32(dtype == trained)))
-        if amx != (dtype == trained):
-            dtype = trained if amx else "float32"
-            reason = f"decode dtype=auto: process 0 chose {dtype} (all processes decode alike)"
+    if (agreed := _process_0s_choice(dtype)) != dtype:
+        dtype = agreed
+        reason = f"decode dtype=auto: process 0 chose {dtype} (all processes decode alike)"
     return dtype, reason
+
+
+def _process_0s_choice(dtype: str) -> str:
+    """Process 0's pick between bfloat16 and float32, where this process picked ``dtype``:
+    on several processes, unlike CPUs must still compile one program."""
+    if jax.process_count() == 1:
+        return dtype
+    from jax.experimental import multihost_utils
+
+    bf16 = multihost_utils.broadcast_one_to_all(np.int32(dtype == "bfloat16"))
+    return "bfloat16" if bf16 else "float32"
 
 
 def resolve_workdir_dtype(requested: str, workdir: str | Path | None = None) -> tuple[str, str]:
@@ -153,13 +160,9 @@ def resolve_workdir_dtype(requested: str, workdir: str | Path | None = None) -> 
             if saved:
                 return saved, f"dtype=auto resuming {path}: keeping its dtype {saved}"
     dtype, reason = resolve_dtype(requested)
-    if requested == "auto" and jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        bf16 = multihost_utils.broadcast_one_to_all(np.int32(dtype == "bfloat16"))
-        if bool(bf16) != (dtype == "bfloat16"):
-            dtype = "bfloat16" if bf16 else "float32"
-            reason = f"dtype=auto: process 0 chose {dtype} (all processes compute alike)"
+    if requested == "auto" and (agreed := _process_0s_choice(dtype)) != dtype:
+        dtype = agreed
+        reason = f"dtype=auto: process 0 chose {dtype} (all processes compute alike)"
     return dtype, reason
 
 
