@@ -216,7 +216,7 @@ def test_softmax_attention_gradients_equal_autodiff_of_einsum_attention():
     )
     ours = _attention_grads(softmax_attention, q, k, v, mask, cotangent)
     autodiff = _attention_grads(lambda *a: einsum_attention(*a)[0], q, k, v, mask, cotangent)
-    for got, want in zip(ours, autodiff):
+    for got, want in zip(ours, autodiff, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
     assert float(jnp.max(jnp.abs(ours[2][0]))) > 0  # the values get gradient from every row
 
@@ -237,10 +237,10 @@ def test_softmax_attention_bf16_gradients_are_as_accurate_as_autodiff():
     def error(grads):
         return [
             float(jnp.linalg.norm(g.astype(jnp.float32) - e) / jnp.linalg.norm(e))
-            for g, e in zip(grads, exact)
+            for g, e in zip(grads, exact, strict=True)
         ]
 
-    for ours_err, autodiff_err in zip(error(ours), error(autodiff)):
+    for ours_err, autodiff_err in zip(error(ours), error(autodiff), strict=True):
         assert ours_err < max(1.25 * autodiff_err, 1e-3), (ours_err, autodiff_err)
 
 
