@@ -70,6 +70,14 @@ def _large_negative(dtype) -> jax.Array:
     return jnp.asarray(-0.7 * jnp.finfo(dtype).max, dtype)
 
 
+def _attention_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(K)) over S where ``mask`` allows: ``[B, H, T, S]`` float32."""
+    logits = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32)
+    logits *= jnp.asarray(q.shape[-1] ** -0.5, jnp.float32)
+    logits = jnp.where(mask, logits, _large_negative(jnp.float32))
+    return jax.nn.softmax(logits, axis=-1)
+
+
 def einsum_attention(
     q: jax.Array,
     k: jax.Array,
@@ -87,10 +95,7 @@ def einsum_attention(
     Returns:
       ``([B, T, H, K]`` outputs, ``[B, H, T, S]`` float32 attention probabilities).
     """
-    logits = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32)
-    logits *= jnp.asarray(q.shape[-1] ** -0.5, jnp.float32)
-    logits = jnp.where(mask, logits, _large_negative(jnp.float32))
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = _attention_probs(q, k, mask)
     dropped = probs
     if dropout_rate > 0.0:
         keep = bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
@@ -136,10 +141,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array)
 
 
 def _softmax_attention_fwd(q, k, v, mask):
-    logits = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32)
-    logits *= jnp.asarray(q.shape[-1] ** -0.5, jnp.float32)
-    logits = jnp.where(mask, logits, _large_negative(jnp.float32))
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    probs = _attention_probs(q, k, mask).astype(v.dtype)
     out = jnp.einsum("bhts,bshk->bthk", probs, v, preferred_element_type=jnp.float32)
     return out.astype(v.dtype), (q, k, v, mask, probs)
 

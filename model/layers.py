@@ -192,15 +192,11 @@ def normalize(
     return _normalize_fwd(x, scale, bias, epsilon, dtype)[0]
 
 
-def _statistics(x, epsilon):
+def _normalize_fwd(x, scale, bias, epsilon, dtype):
     xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.maximum(0.0, jnp.mean(xf * xf, axis=-1, keepdims=True) - mean * mean)
-    return xf, mean, jax.lax.rsqrt(var + epsilon)
-
-
-def _normalize_fwd(x, scale, bias, epsilon, dtype):
-    xf, mean, r = _statistics(x, epsilon)
+    r = jax.lax.rsqrt(var + epsilon)
     y = (xf - mean) * (r * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
     return y.astype(dtype), (x, mean, r, scale, bias)
 
