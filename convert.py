@@ -20,32 +20,22 @@ the output cannot express) is one error line and exit status 1, with nothing wri
 from __future__ import annotations
 
 import logging
-import sys
 
-from absl import app, flags
+from absl import flags
 
+import cli
 from interop.common import ConversionError
 from interop.registry import convert
 
 log = logging.getLogger("convert")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
-    )
-    for name in ("absl", "jax"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+def main():
+    logging.getLogger("jax").setLevel(logging.WARNING)
     f = flags.FLAGS
-    try:
-        path = convert(
-            f.input, f.output, force=f.force, checkpoint=f.checkpoint, quantization=f.quantization
-        )
-    except ConversionError as err:
-        log.error("%s", str(err).replace("\n", " "))
-        sys.exit(1)
+    path = convert(
+        f.input, f.output, force=f.force, checkpoint=f.checkpoint, quantization=f.quantization
+    )
     log.info("done: %s", path)
 
 
@@ -65,5 +55,4 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags, "convert", (ConversionError,))

@@ -29,8 +29,9 @@ import logging
 import sys
 from collections.abc import Iterator
 
-from absl import app, flags
+from absl import flags
 
+import cli
 from data import DataError
 from decoding.beam_search import STOPPING
 from decoding.continuation import Continuer
@@ -77,71 +78,62 @@ def format_line(nbest: list[tuple[str, float]], with_scores: bool) -> str:
     return "\t".join(h for h, _ in nbest)
 
 
-def main(argv):
-    del argv
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
-    )
-    logging.getLogger("absl").setLevel(logging.WARNING)
+def main():
     f = flags.FLAGS
     if f.workdir is None:
-        raise app.UsageError("--workdir is required")
+        raise cli.UsageError("--workdir is required")
     if f.attention_plot and f.input == "-":
-        raise app.UsageError("--attention_plot needs --input=FILE (it re-reads the first line)")
+        raise cli.UsageError("--attention_plot needs --input=FILE (it re-reads the first line)")
     enable_compilation_cache()
-    try:
-        search = SearchConfig(
-            method=f.method, beam_size=f.beam_size, alpha=f.alpha, n_best=f.n_best,
-            stopping=f.stopping, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
-            seed=f.seed,
-            **({} if f.max_new_tokens is None else {"extra_len": f.max_new_tokens}),
-        )  # fmt: skip
-        mesh = make_mesh()
-        model, params, tokenizer = load(f.workdir, f.checkpoint, mesh)
-        kind = model.config.architecture
-        if kind == "encoder_only":
-            raise ValueError(
-                f"{f.workdir} holds an encoder-only (masked LM) model: there is nothing to "
-                "generate; decode.py translates (encoder-decoder) or continues prompts "
-                "(decoder-only)"
-            )
-        if kind == "decoder_only":
-            if f.attention_plot or f.reference:
-                raise app.UsageError("--attention_plot and --reference are for translation")
-            continuer = Continuer(
-                model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens or None,
-                dtype=f.dtype, exported=exported_dir(),
-            )  # fmt: skip
-            translate_file(continuer.continue_lines, params, f.input, f.output, f.chunk_lines,
-                           f.scores)  # fmt: skip
-            return
-        translator = Translator(
+    search = SearchConfig(
+        method=f.method, beam_size=f.beam_size, alpha=f.alpha, n_best=f.n_best,
+        stopping=f.stopping, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
+        seed=f.seed,
+        **({} if f.max_new_tokens is None else {"extra_len": f.max_new_tokens}),
+    )  # fmt: skip
+    mesh = make_mesh()
+    model, params, tokenizer = load(f.workdir, f.checkpoint, mesh)
+    kind = model.config.architecture
+    if kind == "encoder_only":
+        raise ValueError(
+            f"{f.workdir} holds an encoder-only (masked LM) model: there is nothing to "
+            "generate; decode.py translates (encoder-decoder) or continues prompts "
+            "(decoder-only)"
+        )
+    if kind == "decoder_only":
+        if f.attention_plot or f.reference:
+            raise cli.UsageError("--attention_plot and --reference are for translation")
+        continuer = Continuer(
             model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens or None,
             dtype=f.dtype, exported=exported_dir(),
         )  # fmt: skip
-        hypotheses = translate_file(
-            translator.translate, params, f.input, f.output, f.chunk_lines, f.scores
-        )
-        if f.attention_plot and hypotheses:
-            import plots  # matplotlib is only needed for this flag
+        translate_file(continuer.continue_lines, params, f.input, f.output, f.chunk_lines,
+                       f.scores)  # fmt: skip
+        return
+    translator = Translator(
+        model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens or None,
+        dtype=f.dtype, exported=exported_dir(),
+    )  # fmt: skip
+    hypotheses = translate_file(
+        translator.translate, params, f.input, f.output, f.chunk_lines, f.scores
+    )
+    if f.attention_plot and hypotheses:
+        import plots  # matplotlib is only needed for this flag
 
-            first = next(read_chunks(f.input, 1))[0]
-            figures = plots.attention_for_sentence(model, params, tokenizer, first, hypotheses[0])
-            for path in plots.save_attention(figures, f.attention_plot):
-                log.info("wrote %s", path)
-        if f.reference:
-            references = [line for chunk in read_chunks(f.reference, 1 << 30) for line in chunk]
-            if len(references) != len(hypotheses):
-                raise DataError(
-                    f"{f.reference} has {len(references)} lines but {f.input} has "
-                    f"{len(hypotheses)}; expected one reference per input line"
-                )
-            result = score(hypotheses, references)
-            print(f"BLEU {result['bleu']:.2f}  {result['bleu_signature']}", file=sys.stderr)
-            print(f"chrF {result['chrf']:.2f}  {result['chrf_signature']}", file=sys.stderr)
-    except (DataError, FileNotFoundError, ValueError) as err:
-        log.error("%s", err)
-        sys.exit(1)
+        first = next(read_chunks(f.input, 1))[0]
+        figures = plots.attention_for_sentence(model, params, tokenizer, first, hypotheses[0])
+        for path in plots.save_attention(figures, f.attention_plot):
+            log.info("wrote %s", path)
+    if f.reference:
+        references = [line for chunk in read_chunks(f.reference, 1 << 30) for line in chunk]
+        if len(references) != len(hypotheses):
+            raise DataError(
+                f"{f.reference} has {len(references)} lines but {f.input} has "
+                f"{len(hypotheses)}; expected one reference per input line"
+            )
+        result = score(hypotheses, references)
+        print(f"BLEU {result['bleu']:.2f}  {result['bleu_signature']}", file=sys.stderr)
+        print(f"chrF {result['chrf']:.2f}  {result['chrf_signature']}", file=sys.stderr)
 
 
 def translate_file(generate, params, src: str, dst: str, chunk_lines: int, scores: bool):
@@ -213,5 +205,4 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags, "decode", (DataError, FileNotFoundError, ValueError))

@@ -17,12 +17,12 @@ Several hosts: start the same command on each with --coordinator_address=HOST:PO
 from __future__ import annotations
 
 import logging
-import sys
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+import cli
 import data
 from model.compilation import enable_compilation_cache
 from model.host_memory import tune_host_allocator
@@ -42,30 +42,16 @@ def _maybe_initialize_distributed() -> None:
         )
 
 
-def main(argv):
-    del argv
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
-    )
-    for noisy in ("absl", "orbax", "jax._src"):
+def main():
+    for noisy in ("jax._src",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
-        raise app.UsageError("--config and --workdir are required")
+        raise cli.UsageError("--config and --workdir are required")
     if flags.FLAGS.reuse_host_memory:
         tune_host_allocator()  # before JAX starts its backend
     _maybe_initialize_distributed()
     enable_compilation_cache()
-    try:
-        loop.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (
-        data.DataError,
-        loop.NonFiniteLossError,
-        checkpoints.CheckpointError,
-        FileNotFoundError,
-        ValueError,
-    ) as err:
-        log.error("%s", err)
-        sys.exit(1)
+    loop.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 def define_flags() -> None:
@@ -84,6 +70,14 @@ def define_flags() -> None:
     )  # fmt: skip
 
 
+# The errors that are a user's to fix: one ERROR line, exit status 1.
+ERRORS = (
+    data.DataError,
+    loop.NonFiniteLossError,
+    checkpoints.CheckpointError,
+    FileNotFoundError,
+    ValueError,
+)
+
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags, "train", ERRORS)
