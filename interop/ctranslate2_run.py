@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import ctranslate2
 import numpy as np
+import sentencepiece as spm
 
 from data.tokenizer import EOS_ID, PAD_ID, Tokenizer
 
@@ -49,7 +50,7 @@ def gnmt_score(ct2_score: float, length: int, alpha: float) -> float:
 
 def translate(
     translator: ctranslate2.Translator,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | spm.SentencePieceProcessor,
     texts: Sequence[str],
     *,
     max_positions: int,
@@ -75,7 +76,8 @@ def translate(
 
     Args:
       translator: a ``ctranslate2.Translator`` over an export of the model.
-      tokenizer: the model's tokenizer.
+      tokenizer: the model's tokenizer: the project's ``Tokenizer`` or the
+        ``sentencepiece.SentencePieceProcessor`` of the export's ``tokenizer.model``.
       texts: source sentences.
       max_positions: the model's ``max_positions`` (longest source and output, EOS included).
       beam_size: 1 for greedy search.
@@ -98,6 +100,8 @@ def translate(
         beam_size = default.beam_size if beam_size is None else beam_size
         alpha = default.alpha if alpha is None else alpha
         extra_len = default.extra_len if extra_len is None else extra_len
+    if not isinstance(tokenizer, Tokenizer) and hasattr(tokenizer, "serialized_model_proto"):
+        tokenizer = Tokenizer(tokenizer.serialized_model_proto())
     sources = [source_tokens(tokenizer, t, max_positions) for t in texts]
     ids = {tokenizer.id_to_piece(i): i for i in range(tokenizer.vocab_size)}
     order = sorted((i for i, s in enumerate(sources) if s), key=lambda i: len(sources[i]))

@@ -2,7 +2,6 @@
 is one error line, a non-zero exit and nothing written."""
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -179,21 +178,6 @@ def test_pre_ln_concat_positions_and_another_epsilon_match(tiny_loaded, tmp_path
     out = ct2_export.export(bundle, tmp_path / "pre")
     assert_same_log_probs(model, bundle.params, tokenizer, out)
     assert_same_greedy(model, bundle.params, tokenizer, out, ["Jesus wept.", "God is love."])
-
-
-def test_readme_snippet_translates_with_the_export(exported):
-    readme = (REPO / "README.md").read_text()
-    section = re.search(r"## Translate with CTranslate2\n(.*?)\n## ", readme, re.S).group(1)
-    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    assert '"runs/default-ct2"' in snippet and "max_positions = 256" in snippet
-    snippet = snippet.replace('"runs/default-ct2"', repr(str(exported)))
-    scope: dict = {}
-    exec(
-        compile(snippet.replace("max_positions = 256", "max_positions = 64"), "README.md", "exec"),
-        scope,
-    )
-    assert len(scope["translations"]) == 2
-    assert all(isinstance(t, str) for t in scope["translations"])
 
 
 def test_force_replaces_and_a_failed_export_writes_nothing(tiny_workdir, tmp_path):
