@@ -28,8 +28,9 @@ def get_config():
     c.tokens_per_step = 1024
     c.lr_scale = 0.5  # peak 1.6e-3; lr_scale 1.0 stalled (dev NLL 5.17 vs 4.88 at step 500)
     c.warmup_steps = 400
-    # As many steps as fit 25 minutes here (about 1,750 on a 2-core AVX2 CPU, which did 2,100 in
-    # 30 minutes); num_train_steps stays the base config's 100,000, a cap no CPU reaches.
+    # As many steps as fit 25 minutes on this machine (how many, and the BLEU they reach, on each
+    # kind of CPU: the README's table under "The two commands"); num_train_steps stays the base
+    # config's 100,000, a cap no CPU reaches.
     c.train_minutes = 25.0
     # A fixed budget: end at a low rate (a 500-step test: dev NLL 4.74 against 4.88 without).
     c.cooldown_steps = 500

@@ -19,7 +19,7 @@ import training.loop
 from bench.fault_injection import fail_checkpoint_writes
 from model import Transformer, TransformerConfig, make_mesh
 from tests.conftest import REPO
-from tests.test_train import losses, tiny_config
+from tests.test_train import FAST_FLAGS, losses, tiny_config
 from training import checkpoint_checks, checkpoints
 from training.state import OptimizerConfig, make_optimizer, state_shardings
 
@@ -100,7 +100,8 @@ def test_a_checkpoint_of_another_optimizer_is_refused_and_nothing_moves(workdir)
     # From the command line: one line naming it, a non-zero exit, nothing touched.
     result = subprocess.run(
         [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
-         *(f"--config.{k}={v}" for k, v in SETTINGS.items()), "--config.grad_clip_norm=1.0"],
+         *FAST_FLAGS, *(f"--config.{k}={v}" for k, v in SETTINGS.items()),
+         "--config.grad_clip_norm=1.0"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},  # 8 devices, as the workdir was trained
     )  # fmt: skip

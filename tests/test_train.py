@@ -42,9 +42,19 @@ def optimizer_config(**changes) -> OptimizerConfig:
 QUIET = dict(eval_every_steps=0, bleu_every_steps=0, eval_at_end=False, log_every_steps=1)
 
 
+# configs/tiny.py is sized to learn something visible in a minute; the tests check the machinery
+# on a few dozen steps, so they train the `tiny` preset's own shape, four times cheaper a step.
+FAST = {"model.overrides.d_model": 32, "model.overrides.d_ff": 64, "tokens_per_step": 1024}
+FAST_FLAGS = [f"--config.{k}={v}" for k, v in FAST.items()]
+
+
 def tiny_config(**changes) -> ml_collections.ConfigDict:
-    """configs/tiny.py (on the repository's fixture corpus) with some fields changed."""
+    """configs/tiny.py (on the repository's fixture corpus) with the FAST shape and some fields
+    changed."""
     cfg = get_config()
+    cfg.model.overrides.d_model = FAST["model.overrides.d_model"]
+    cfg.model.overrides.d_ff = FAST["model.overrides.d_ff"]
+    cfg.tokens_per_step = FAST["tokens_per_step"]
     cfg.update(changes)
     return cfg
 
@@ -55,7 +65,9 @@ def overrides(**changes) -> list[str]:
 
 
 def start(workdir: Path, flags: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}", *flags]
+    """``train.py --config=configs/tiny.py`` with the FAST shape and ``flags``, in the background."""
+    cmd = [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+           *FAST_FLAGS, *flags]  # fmt: skip
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     return subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
