@@ -37,8 +37,6 @@ def test_the_first_run_translates_partly_right(tiny_corpus, tmp_path):
     # Right words: translations that share a word of four letters or more with their reference
     # (34 of 200 on an AMD EPYC Zen 4; one that repeats the same few words shares about 5).
     words = lambda text: {w for w in re.findall(r"\w+", text.lower()) if len(w) >= 4}
-    shared = sum(
-        bool(words(h) & words(r)) for h, r in zip(hypotheses, references, strict=True)
-    )
+    shared = sum(bool(words(h) & words(r)) for h, r in zip(hypotheses, references, strict=True))
     assert shared >= 20, shared
     assert "chrF" in decode.stderr

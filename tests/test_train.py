@@ -65,7 +65,7 @@ def overrides(**changes) -> list[str]:
 
 
 def start(workdir: Path, flags: list[str]) -> subprocess.Popen:
-    """``train.py --config=configs/tiny.py`` with the FAST shape and ``flags``, in the background."""
+    """``train.py --config=configs/tiny.py`` (FAST shape) with ``flags``, in the background."""
     cmd = [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
            *FAST_FLAGS, *flags]  # fmt: skip
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
