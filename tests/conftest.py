@@ -49,14 +49,35 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped tests are not allowed in this suite (zero skips): {reason}"
 
 
+class SkippedModule(pytest.Item):
+    """Stands for a module skipped while collecting: one failing test, so that file fails and
+    says why while the rest of the session runs (a failed collection would stop it)."""
+
+    def __init__(self, *, reason: str, **kwargs):
+        super().__init__(**kwargs)
+        self.reason = reason
+
+    def runtest(self):
+        raise pytest.fail.Exception(
+            f"skipped modules are not allowed in this suite: {self.reason}", pytrace=False
+        )
+
+    def reportinfo(self):
+        return self.path, None, self.name
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector):
     """The same for a whole module skipped while collecting (e.g. ``pytest.importorskip``)."""
     outcome = yield
     report = outcome.get_result()
-    if report.skipped:
-        report.outcome = "failed"
-        report.longrepr = f"skipped modules are not allowed in this suite: {report.longrepr}"
+    if report.skipped and isinstance(collector, pytest.Module):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "passed"
+        report.longrepr = None
+        report.result = [
+            SkippedModule.from_parent(collector, name="collection-skipped", reason=str(reason))
+        ]
 
 
 @pytest.fixture(scope="session")

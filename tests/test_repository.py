@@ -7,8 +7,22 @@ import sys
 from configs.tiny import CORPUS
 from tests.conftest import REPO
 
-# Spelled in pieces so this file does not match itself.
-OUTSIDE = ("../" + "shared", "shared/" + "corpus")
+# The sibling directory, however a path to it is spelled (the spellings are in
+# test_every_spelling_of_the_sibling_directory_is_caught). Spelled in pieces so this file does
+# not match itself.
+SHARED = "sha" + "red"
+QUOTE = r"['\"]"
+OUTSIDE = re.compile(
+    "|".join(
+        [
+            r"\.\./+" + SHARED,  # a relative path string
+            rf"{QUOTE}\.\.{QUOTE}\s*,\s*{QUOTE}" + SHARED,  # os.path.join's arguments
+            rf"{QUOTE}\.\.{QUOTE}\s*\)\s*/\s*{QUOTE}" + SHARED,  # a Path joined with /
+            rf"(parents\[\s*\d+\s*\]|\.parent)\s*/\s*{QUOTE}" + SHARED,  # a parent's child
+            SHARED + "/corpus",
+        ]
+    )
+)
 
 
 def tracked_files() -> list[str]:
@@ -26,9 +40,22 @@ def test_no_tracked_file_reads_outside_the_repository():
             continue
         text = path.read_bytes().decode("utf-8", errors="replace")
         for number, line in enumerate(text.splitlines(), 1):
-            if any(pattern in line for pattern in OUTSIDE):
+            if OUTSIDE.search(line):
                 offenders.append(f"{name}:{number}: {line.strip()[:100]}")
     assert not offenders, "paths outside the repository:\n" + "\n".join(offenders)
+
+
+def test_every_spelling_of_the_sibling_directory_is_caught():
+    dots = ".."
+    caught = [
+        f"open('{dots}/{SHARED}/x')",
+        f'os.path.join("{dots}", "{SHARED}", "corpus")',
+        f'Path("{dots}") / "{SHARED}"',
+        f"Path(__file__).resolve().parents[2] / '{SHARED}'",
+        f'here.parent.parent / "{SHARED}"',
+    ]
+    assert all(OUTSIDE.search(line) for line in caught)
+    assert not OUTSIDE.search(f'Path("runs") / "{SHARED}_vocab"')  # no sibling directory
 
 
 def test_fixture_corpus_is_small_parallel_and_licensed():
@@ -60,6 +87,24 @@ def test_a_skipped_test_fails_the_suite(tmp_path):
     assert result.returncode == 1, result.stdout[-2000:]
     assert "1 failed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
     assert "zero skips" in result.stdout and "no widget here" in result.stdout
+
+
+def test_a_module_skipped_while_collecting_fails_alone(tmp_path):
+    (tmp_path / "test_needs_widget.py").write_text(
+        "import pytest\n\npytest.importorskip('no_such_widget_module')\n\n\n"
+        "def test_widget():\n    pass\n"
+    )
+    (tmp_path / "test_fine.py").write_text("def test_fine():\n    assert True\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "--rootdir", str(tmp_path),
+         "-c", "/dev/null", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout[-2000:]
+    last = result.stdout.splitlines()[-1]
+    assert "1 failed, 1 passed" in last and "error" not in last, result.stdout[-2000:]
+    assert "skipped modules are not allowed" in result.stdout
+    assert "no_such_widget_module" in result.stdout
 
 
 def test_every_test_the_readme_table_names_exists():
