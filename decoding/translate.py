@@ -186,6 +186,21 @@ class Translator:
         self._shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self._run = jax.jit(self._search, static_argnames="cache_length")
         self._exported = ExportedCache.for_mesh(exported, mesh)
+        # Sentences whose output limit the position table cut, over every call: the warning is
+        # logged for the first batch only (a 12k-line file said it 270 times), and
+        # ``log_cut_sentences`` gives the total.
+        self.cut_sentences = 0
+        self._cut_first = None
+
+    def log_cut_sentences(self) -> None:
+        """Logs how many sentences in all may produce fewer than source length + ``extra_len``
+        tokens, if more than the first warning said."""
+        if self._cut_first is not None and self.cut_sentences > self._cut_first:
+            log.warning(
+                "in all, %d sentences may produce fewer than source length + %d tokens "
+                "(max_positions=%d)",
+                self.cut_sentences, self.search.extra_len, self.model.config.max_positions,
+            )  # fmt: skip
 
     def _search(self, params, src, max_lengths, rng, cache_length):
         fn, cache = cached_decoder(self.model, {"params": params}, src, cache_length)
@@ -251,12 +266,15 @@ class Translator:
                 length, limits = self.output_limits(src)
                 real = batch["index"] >= 0
                 cut = int(np.sum(real & (np.sum(src > 0, axis=1) + extra > length)))
-                if cut:
+                if cut and self._cut_first is None:
+                    self._cut_first = cut
                     log.warning(
                         "%d sentences may produce fewer than source length + %d tokens: the "
-                        "model's position table ends at max_positions=%d",
+                        "model's position table ends at max_positions=%d (said for the first batch "
+                        "only; later ones are counted)",
                         cut, extra, cfg.max_positions,
                     )  # fmt: skip
+                self.cut_sentences += cut
                 out = dispatch(
                     self._exported, self._run, self._search, description, params,
                     place_batch(src, self.mesh), place_batch(limits, self.mesh),

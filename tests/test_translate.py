@@ -185,3 +185,25 @@ def test_search_config_takes_the_edges_of_each_range():
     SearchConfig(alpha=10.0, beam_size=1, n_best=1, extra_len=1)
     SearchConfig(method="sample", temperature=1e-3, top_k=0, top_p=1.0)
 
+
+def test_the_position_table_warning_is_logged_once_then_totalled(tiny_loaded, caplog):
+    model, params, tokenizer = tiny_loaded
+    # The tiny model's 64 positions cut the output limit of every source longer than 14
+    # tokens (EOS included): 14 + 50 = 64.
+    long_lines = [
+        f"The {n} sons of Israel went out of Egypt with {n + 1} sheep." for n in range(40)
+    ]
+    lines = long_lines + ["Amen."] * 10
+    expected = sum(len(tokenizer.encode(line)) + 1 > 14 for line in lines)
+    assert expected >= 40
+    greedy = Translator(model, tokenizer, SearchConfig(method="greedy"), tokens_per_batch=128)
+    assert len(greedy.batches(lines)) > 4  # several batches, each with long sources
+    with caplog.at_level("WARNING", logger="decoding.translate"):
+        greedy.translate(params, lines[:25])
+        greedy.translate(params, lines[25:])
+        said = [r.getMessage() for r in caplog.records if "may produce fewer" in r.getMessage()]
+        assert len(said) == 1 and "for the first batch only" in said[0]
+        greedy.log_cut_sentences()
+    said = [r.getMessage() for r in caplog.records if "may produce fewer" in r.getMessage()]
+    assert greedy.cut_sentences == expected
+    assert len(said) == 2 and said[1].startswith(f"in all, {expected} sentences")
