@@ -68,6 +68,7 @@ def run(
 
     def entry(argv: list[str]) -> None:
         del argv
+        configure_logging()  # again: absl.app sets its verbosity after parsing
         # SIGTERM unwinds like Ctrl-C, so a tool's `finally` blocks (a temporary output file
         # removed, a lock released) run; training installs its own handler on top.
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
