@@ -1,9 +1,12 @@
 """decode.py: one output line per input line, in order; scores and n-best; clear errors."""
 
+import logging
 import shutil
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 import decode
@@ -95,3 +98,44 @@ def test_crlf_and_bom_are_handled(tmp_path):
     path = tmp_path / "win.txt"
     path.write_bytes("\ufeffone\r\ntwo\r\n\r\nfour".encode())
     assert list(decode.read_chunks(str(path), 2)) == [["one", "two"], ["", "four"]]
+
+
+def _damage(step_dir):
+    for f in (step_dir / "params" / "d").iterdir():
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_readable_one(
+    tiny_workdir, tiny_loaded, tmp_path, caplog
+):
+    from training.checkpoint_checks import CheckpointReadError
+
+    work = tmp_path / "W"
+    shutil.copytree(tiny_workdir, work)
+    steps = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+    newest, previous = steps[-1], steps[-2]
+    _damage(work / "checkpoints" / str(newest))
+    before = _files(work)
+    with caplog.at_level(logging.WARNING):
+        model, params, tokenizer = load(work)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert f"checkpoints/{newest}: " in warnings[0]
+    assert f"using step {previous}, the newest readable one" in warnings[0]
+    _, expected, _ = load(tiny_workdir, str(previous))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    greedy = Translator(model, tokenizer, SearchConfig(method="greedy"))
+    assert greedy.translate(params, ["God is love."])[0][0][0]  # it translates
+    with pytest.raises(
+        CheckpointReadError,
+        match=f"checkpoint checkpoints/{newest} of .* is damaged .*; nothing in the workdir was "
+        f"changed; the newest readable earlier checkpoint is step {previous}: rerun with "
+        f"--checkpoint={previous}",
+    ):
+        load(work, str(newest))
+    assert _files(work) == before  # a reader: nothing moved, nothing rewritten
