@@ -283,6 +283,17 @@ def _drop_closed_event_loop_noise() -> None:
     sys.unraisablehook = hook
 
 
+def _saved_architecture(workdir: Path) -> str | None:
+    """``model_config.json``'s architecture, read before the config is checked; None if absent."""
+    try:
+        saved = json.loads((workdir / MODEL_CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict):
+        return None
+    return TransformerConfig.normalised_dict(saved).get("architecture")
+
+
 def _host_abstract_params(model):
     """ShapeDtypeStructs of the model's params, all on the first CPU (or default) device."""
     inputs = init_inputs(model.config)
@@ -314,6 +325,10 @@ def read_workdir(workdir: str | Path, checkpoint: str | int | None = None) -> Tr
     tokenizer_path = workdir / "tokenizer.model"  # None for an imported (Marian) tokenizer
     tokenizer_path = tokenizer_path if tokenizer_path.exists() else None
     try:
+        if _saved_architecture(workdir) == "encoder_only":  # its tokenizer lacks the mask id
+            raise ValueError(
+                "it holds an encoder-only (masked LM) model, which cannot be converted"
+            )
         config, tokenizer = read_model_config(workdir)
         kind, step = checkpoints.resolve(workdir, which)
     except (FileNotFoundError, ValueError, DataError) as err:
