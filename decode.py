@@ -39,6 +39,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import importlib
+import io
 import logging
 import os
 import stat
@@ -59,6 +60,7 @@ from decoding.translate import SearchConfig, Translator
 from interop.workdir import load, read_model_config
 from model import make_mesh
 from model.compilation import enable_compilation_cache, exported_dir
+from training import checkpoints
 from training.checkpoint_checks import CheckpointError
 
 log = logging.getLogger("decode")
@@ -144,7 +146,10 @@ def check_readable(flag: str, path: str, what: str) -> None:
     if os.path.isdir(path):
         raise cli.UsageError(f"{flag}={path} is a directory; expected {what}")
     try:
-        open(path, "rb").close()
+        if stat.S_ISREG(os.stat(path).st_mode):
+            open(path, "rb").close()
+        elif not os.access(path, os.R_OK):  # a pipe is not opened twice: it would lose data
+            raise PermissionError(13, "Permission denied")
     except OSError as err:
         raise cli.UsageError(
             f"{flag}={path} cannot be read ({err.strerror}); expected {what}"
@@ -301,9 +306,14 @@ class Progress:
         if stream.isatty():
             from tqdm import tqdm
 
+            try:  # a terminal that reports no size (some pseudo-terminals) gets 100 x 20
+                sized = min(os.get_terminal_size(stream.fileno())) > 0
+            except (OSError, ValueError, io.UnsupportedOperation):
+                sized = False
             self.bar = tqdm(
-                total=total, unit=" lines", file=stream, dynamic_ncols=True, desc="translated"
-            )
+                total=total, unit=" lines", file=stream, desc="translated",
+                dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 20,
+            )  # fmt: skip
 
     def update(self, lines: int, done: int) -> None:
         if self.bar is not None:
@@ -343,6 +353,7 @@ def main():
     check_output(f.output, {"--input": f.input, "--reference": f.reference})
     check_attention_plot(f)
     model_config, _ = read_model_config(Path(f.workdir))
+    checkpoints.resolve(f.workdir, f.checkpoint)  # the checkpoint exists (read when loading)
     kind = model_config.architecture
     if kind == "encoder_only":
         raise ValueError(
