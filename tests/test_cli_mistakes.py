@@ -266,6 +266,13 @@ DECODE = [
         setup=text_and_old_output,
     ),
     Mistake(
+        "decode-checkpoint-that-does-not-exist",
+        "decode.py",
+        lambda c: [workdir(c), "--input=x.en", "--output=o.txt", "--checkpoint=999"],
+        rf"no checkpoint for step 999 in \S+; available steps: {re.escape(str(STEPS))}",
+        setup=text_and_old_output,
+    ),
+    Mistake(
         "decode-damaged-checkpoint-named-explicitly",
         "decode.py",
         lambda c: [workdir(c), "--input=x.en", "--output=o.txt", f"--checkpoint={STEPS[-1]}"],
