@@ -45,12 +45,14 @@ class Mistake:
     id: str
     tool: str  # "train.py" | "decode.py" | "convert.py"
     args: Callable[[Case], list[str]]
-    expect: str  # a regular expression the error line must match (re.search)
+    expect: str | Callable[[Case], str]  # a regular expression the error line must match
     setup: Callable[[Case], None] = lambda case: None
     code: int = 1
     one_line: bool = True  # False: progress lines may come first; the error is the last line
     env: dict = dataclasses.field(default_factory=dict)
-    needs: tuple[str, ...] = ()  # "mlm": the masked-LM workdir is copied into the case
+    # "mlm": the masked-LM workdir is copied into the case; "checkpoints": the case workdir has
+    # at least two training checkpoints (two_checkpoint_workdir)
+    needs: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return self.id
@@ -99,14 +101,16 @@ def fake_matplotlib(case: Case) -> None:
     write(case.tmp / "fake" / "matplotlib" / "__init__.py", "raise ImportError('simulated')\n")
 
 
-STEPS = [20, 30]  # tiny_workdir's checkpoints (configs/tiny.py: every 20 steps, and the last)
+def steps(case: Case) -> list[int]:
+    """The case workdir's training checkpoints, oldest first."""
+    directory = case.workdir / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 def damage_newest_checkpoint(case: Case) -> None:
     """Truncates every file of the newest checkpoint's parameter arrays, as a full disk would."""
-    directory = case.workdir / "checkpoints"
-    assert sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) == STEPS
-    for f in (directory / str(STEPS[-1]) / "params" / "d").iterdir():
+    assert len(steps(case)) >= 2, steps(case)  # rows with needs=("checkpoints",)
+    for f in (case.workdir / "checkpoints" / str(steps(case)[-1]) / "params" / "d").iterdir():
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     text_and_old_output(case)
 
@@ -269,17 +273,22 @@ DECODE = [
         "decode-checkpoint-that-does-not-exist",
         "decode.py",
         lambda c: [workdir(c), "--input=x.en", "--output=o.txt", "--checkpoint=999"],
-        rf"no checkpoint for step 999 in \S+; available steps: {re.escape(str(STEPS))}",
+        lambda c: (
+            rf"no checkpoint for step 999 in \S+; available steps: {re.escape(str(steps(c)))}"
+        ),
         setup=text_and_old_output,
     ),
     Mistake(
         "decode-damaged-checkpoint-named-explicitly",
         "decode.py",
-        lambda c: [workdir(c), "--input=x.en", "--output=o.txt", f"--checkpoint={STEPS[-1]}"],
-        rf"checkpoint checkpoints/{STEPS[-1]} of \S+ is damaged \(.+\); "
-        rf"nothing in the workdir was changed; the newest readable earlier checkpoint is step "
-        rf"{STEPS[-2]}: rerun with --checkpoint={STEPS[-2]}$",
+        lambda c: [workdir(c), "--input=x.en", "--output=o.txt", f"--checkpoint={steps(c)[-1]}"],
+        lambda c: (
+            rf"checkpoint checkpoints/{steps(c)[-1]} of \S+ is damaged \(.+\); nothing in "
+            rf"the workdir was changed; the newest readable earlier checkpoint is step "
+            rf"{steps(c)[-2]}: rerun with --checkpoint={steps(c)[-2]}$"
+        ),
         setup=damage_newest_checkpoint,
+        needs=("checkpoints",),
     ),
 ]
 
@@ -320,11 +329,14 @@ CONVERT = [
         lambda c: [
             f"--input=workdir:{c.workdir}",
             "--output=workdir:out",
-            f"--checkpoint={STEPS[-1]}",
+            f"--checkpoint={steps(c)[-1]}",
         ],
-        rf"checkpoint checkpoints/{STEPS[-1]} of \S+ is damaged .*rerun with "
-        rf"--checkpoint={STEPS[-2]}$",
+        lambda c: (
+            rf"checkpoint checkpoints/{steps(c)[-1]} of \S+ is damaged .*rerun with "
+            rf"--checkpoint={steps(c)[-2]}$"
+        ),
         setup=damage_newest_checkpoint,
+        needs=("checkpoints",),
     ),
 ]
 
@@ -377,7 +389,11 @@ def case(tiny_workdir, tiny_corpus, tmp_path) -> Case:
 def test_a_mistake_is_one_line_and_nothing_is_lost(row: Mistake, case: Case, request):
     if "mlm" in row.needs:
         shutil.copytree(request.getfixturevalue("mlm_workdir"), case.mlm)
+    if "checkpoints" in row.needs:
+        shutil.rmtree(case.workdir)
+        shutil.copytree(request.getfixturevalue("two_checkpoint_workdir"), case.workdir)
     row.setup(case)
+    expect = row.expect(case) if callable(row.expect) else row.expect
     before = snapshot(case.tmp)
     result = run_tool(row.tool, row.args(case), case.tmp, row.env)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -386,5 +402,5 @@ def test_a_mistake_is_one_line_and_nothing_is_lost(row: Mistake, case: Case, req
     assert lines, "no error line on stderr"
     if row.one_line:
         assert len(lines) == 1, result.stderr[-3000:]
-    assert re.search(row.expect, lines[-1]), lines[-1]
+    assert re.search(expect, lines[-1]), lines[-1]
     assert snapshot(case.tmp) == before

@@ -239,12 +239,12 @@ def _files(root):
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_readable_one(
-    tiny_workdir, tiny_loaded, tmp_path, caplog
+    two_checkpoint_workdir, tmp_path, caplog
 ):
     from training.checkpoint_checks import CheckpointReadError
 
     work = tmp_path / "W"
-    shutil.copytree(tiny_workdir, work)
+    shutil.copytree(two_checkpoint_workdir, work)
     steps = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
     newest, previous = steps[-1], steps[-2]
     _damage(work / "checkpoints" / str(newest))
@@ -255,7 +255,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_readable_one(
     assert len(warnings) == 1, warnings
     assert f"checkpoints/{newest}: " in warnings[0]
     assert f"using step {previous}, the newest readable one" in warnings[0]
-    _, expected, _ = load(tiny_workdir, str(previous))
+    _, expected, _ = load(two_checkpoint_workdir, str(previous))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     greedy = Translator(model, tokenizer, SearchConfig(method="greedy"))

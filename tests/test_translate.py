@@ -188,13 +188,15 @@ def test_search_config_takes_the_edges_of_each_range():
 
 def test_the_position_table_warning_is_logged_once_then_totalled(tiny_loaded, caplog):
     model, params, tokenizer = tiny_loaded
-    # The tiny model's 64 positions cut the output limit of every source longer than 14
-    # tokens (EOS included): 14 + 50 = 64.
+    # The position table cuts the output limit of every source (EOS included, itself cut to
+    # max_positions - 1) for which source + 50 does not fit: with 64 positions, over 14 tokens.
+    positions = model.config.max_positions
     long_lines = [
         f"The {n} sons of Israel went out of Egypt with {n + 1} sheep." for n in range(40)
     ]
     lines = long_lines + ["Amen."] * 10
-    expected = sum(len(tokenizer.encode(line)) + 1 > 14 for line in lines)
+    n = [min(len(tokenizer.encode(line)) + 1, positions - 1) for line in lines]
+    expected = sum(k + 50 > positions for k in n)
     assert expected >= 40
     greedy = Translator(model, tokenizer, SearchConfig(method="greedy"), tokens_per_batch=128)
     assert len(greedy.batches(lines)) > 4  # several batches, each with long sources
