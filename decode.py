@@ -1,16 +1,27 @@
-"""Translates a file with a trained workdir (or, with a decoder-only LM's workdir, continues each
+r"""Translates a file with a trained workdir (or, with a decoder-only LM's workdir, continues each
 line): one output line per input line, in order.
 
     python decode.py --workdir=DIR --input=FILE|- --output=FILE|- \
-        [--checkpoint=latest|best|averaged|STEP] [--beam_size=4 --alpha=0.6 --n_best=1] \
-        [--stopping=exact|count] \
+        [--checkpoint=latest|best|averaged|imported|STEP] \
+        [--beam_size=4 --alpha=0.6 --n_best=1] [--stopping=exact|count] \
         [--method=beam|greedy|sample --temperature=1 --top_k=0 --top_p=1 --seed=0] \
-        [--batch_tokens=0] [--dtype=auto] [--reference=FILE] [--scores] [--attention_plot=FILE.png]
+        [--batch_tokens=0] [--dtype=auto] [--reference=FILE] [--scores] \
+        [--attention_plot=FILE.png]
 
 Input is read in chunks of ``--chunk_lines`` lines; each chunk is sorted by length into
-token-budget batches, translated, put back in order and written (and flushed) before the next
-chunk is read. An empty input line gives an empty output line; an over-long one is truncated
-to the model's maximum length (and counted in the log), never dropped.
+token-budget batches, translated, put back in order and written before the next chunk is read.
+An empty input line gives an empty output line; an over-long one is truncated to the model's
+maximum length (and counted in the log), never dropped.
+
+An output file is written to a hidden temporary file beside it (``.NAME.XXXXXXXX.partial``)
+and renamed into place only when the whole input is translated: an existing output keeps its
+content until then, and its permission bits after. A failure, Ctrl-C or SIGTERM removes the
+temporary file; a SIGKILL (or a power cut) can leave it, holding the lines done so far.
+``--output=-`` streams to stdout. Every flag, path and value is checked before the model is
+loaded (an output that is the input, a missing directory, a value out of range): a mistake is
+one ERROR line and exit status 1, with nothing written. With ``--checkpoint=latest`` a damaged
+newest checkpoint is skipped for the newest readable one, with a warning; nothing in the
+workdir is changed.
 
 Output format: one line per input line. With ``--n_best=N > 1`` the line holds the N
 hypotheses, best first, separated by tabs. With ``--scores`` each hypothesis is preceded by its
@@ -25,9 +36,18 @@ refused.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import importlib
+import io
 import logging
+import os
+import stat
 import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
 
 from absl import flags
 
@@ -37,11 +57,15 @@ from decoding.beam_search import STOPPING
 from decoding.continuation import Continuer
 from decoding.scoring import score
 from decoding.translate import SearchConfig, Translator
-from interop.workdir import load
+from interop.workdir import load, read_model_config
 from model import make_mesh
 from model.compilation import enable_compilation_cache, exported_dir
+from training import checkpoints
+from training.checkpoint_checks import CheckpointError
 
 log = logging.getLogger("decode")
+
+PLOT_INSTALL = 'pip install -e ".[plot]"'
 
 
 def read_chunks(path: str, chunk_lines: int) -> Iterator[list[str]]:
@@ -71,6 +95,28 @@ def read_chunks(path: str, chunk_lines: int) -> Iterator[list[str]]:
             stream.close()
 
 
+def count_lines(path: str) -> int:
+    """The number of lines ``read_chunks`` gives for a regular file (a last line without a
+    newline counts), checked as UTF-8 on the way: invalid UTF-8 is ``read_chunks``' error,
+    naming the file and line, before anything is loaded or written."""
+    lines, last = 0, b"\n"
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as stream:
+            while block := stream.read(1 << 20):
+                decoder.decode(block)
+                lines += block.count(b"\n")
+                last = block[-1:]
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        # Found; read_chunks names the line (a newline never sits inside a UTF-8 sequence, so
+        # the line-by-line decode fails too).
+        for _ in read_chunks(path, 4096):
+            pass
+        raise DataError(f"{path}: invalid UTF-8; expected UTF-8 text") from None
+    return lines + (last != b"\n")
+
+
 def format_line(nbest: list[tuple[str, float]], with_scores: bool) -> str:
     """One output line: hypotheses tab-separated, each optionally preceded by its score."""
     if with_scores:
@@ -78,45 +124,268 @@ def format_line(nbest: list[tuple[str, float]], with_scores: bool) -> str:
     return "\t".join(h for h, _ in nbest)
 
 
-def main():
-    f = flags.FLAGS
-    if f.workdir is None:
-        raise cli.UsageError("--workdir is required")
-    if f.attention_plot and f.input == "-":
+# ---------------------------------------------------------------------------------------------
+# Checks that run before the model is loaded
+# ---------------------------------------------------------------------------------------------
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two spellings name one file: the same device and inode when both exist (a
+    symlink or a hard link), the same resolved path otherwise."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def check_readable(flag: str, path: str, what: str) -> None:
+    """Refuses a ``flag`` path that is missing, a directory or unreadable (``-``: stdin)."""
+    if path == "-":
+        return
+    if not os.path.lexists(path):
+        raise FileNotFoundError(f"{flag}={path}: no such file; expected {what}")
+    if os.path.isdir(path):
+        raise cli.UsageError(f"{flag}={path} is a directory; expected {what}")
+    try:
+        if stat.S_ISREG(os.stat(path).st_mode):
+            open(path, "rb").close()
+        elif not os.access(path, os.R_OK):  # a pipe is not opened twice: it would lose data
+            raise PermissionError(13, "Permission denied")
+    except OSError as err:
+        raise cli.UsageError(
+            f"{flag}={path} cannot be read ({err.strerror}); expected {what}"
+        ) from None
+
+
+def check_output(path: str, sources: dict[str, str | None]) -> None:
+    """Refuses an output that is a directory, lies in a missing or read-only directory, is a
+    read-only file, or is one of ``sources`` (``{flag: path}``) however spelled."""
+    if path == "-":
+        return
+    if os.path.isdir(path):
+        raise cli.UsageError(f"--output={path} is a directory; expected a file name (or -)")
+    real = Path(os.path.realpath(path))
+    if not real.parent.is_dir():
+        raise cli.UsageError(f"--output={path}: directory {real.parent} does not exist")
+    if not os.access(real.parent, os.W_OK | os.X_OK):
+        raise cli.UsageError(f"--output={path}: cannot create files in directory {real.parent}")
+    if real.exists() and not os.access(real, os.W_OK):
+        raise cli.UsageError(f"--output={path} is read-only; make it writable or write elsewhere")
+    for flag, other in sources.items():
+        if other and other != "-" and same_file(path, other):
+            raise cli.UsageError(
+                f"--output={path} is the same file as {flag}={other}: decoding would replace "
+                "what it reads; write the output elsewhere"
+            )
+
+
+def plot_paths(path: str) -> list[Path]:
+    """The files ``--attention_plot=FILE.png`` writes (as ``plots.save_attention`` names them)."""
+    out = Path(path)
+    suffix = out.suffix or ".png"
+    return [out, *(out.with_name(f"{out.stem}-{part}{suffix}") for part in ("encoder", "decoder"))]
+
+
+def check_attention_plot(f) -> None:
+    """Refuses ``--attention_plot`` without a file input, to stdout, over another file of the
+    run, or without matplotlib."""
+    if not f.attention_plot:
+        return
+    if f.attention_plot == "-":
+        raise cli.UsageError("--attention_plot=-: the plots are PNG files; expected FILE.png")
+    if f.input == "-":
         raise cli.UsageError("--attention_plot needs --input=FILE (it re-reads the first line)")
-    enable_compilation_cache()
-    search = SearchConfig(
+    for plot in plot_paths(f.attention_plot):
+        for flag in ("input", "output", "reference"):
+            other = getattr(f, flag)
+            if other and other != "-" and same_file(plot, other):
+                raise cli.UsageError(
+                    f"--attention_plot={f.attention_plot} would write {plot}, the same file as "
+                    f"--{flag}={other}; choose another name"
+                )
+    try:  # imported, not only found: a broken installation fails here, not after decoding
+        importlib.import_module("matplotlib")
+    except ImportError as err:
+        raise cli.UsageError(
+            f"--attention_plot needs matplotlib ({err}): {PLOT_INSTALL}, or leave the flag out"
+        ) from None
+
+
+def check_values(f) -> SearchConfig:
+    """The search (``SearchConfig`` checks its own fields) and decode.py's own values."""
+    if f.batch_tokens < 0:
+        raise cli.UsageError(
+            f"--batch_tokens={f.batch_tokens}: must be at least 0 (0: the backend's default)"
+        )
+    if f.chunk_lines < 1:
+        raise cli.UsageError(f"--chunk_lines={f.chunk_lines}: must be at least 1")
+    return SearchConfig(
         method=f.method, beam_size=f.beam_size, alpha=f.alpha, n_best=f.n_best,
         stopping=f.stopping, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
         seed=f.seed,
         **({} if f.max_new_tokens is None else {"extra_len": f.max_new_tokens}),
     )  # fmt: skip
-    mesh = make_mesh()
-    model, params, tokenizer = load(f.workdir, f.checkpoint, mesh)
-    kind = model.config.architecture
+
+
+def read_references(path: str, input_lines: int | None, input_name: str) -> list[str]:
+    """The reference file's lines (read whole, before translating), one per input line."""
+    references = [line for chunk in read_chunks(path, 1 << 30) for line in chunk]
+    if input_lines is not None and len(references) != input_lines:
+        raise DataError(
+            f"--reference={path} has {len(references)} lines but {input_name} has "
+            f"{input_lines}; expected one reference per input line"
+        )
+    return references
+
+
+# ---------------------------------------------------------------------------------------------
+# Output and progress
+# ---------------------------------------------------------------------------------------------
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def output_stream(dst: str) -> Iterator[TextIO]:
+    """Where the translation goes; a file appears (or changes) only when the body completes.
+
+    ``-`` is stdout, and a device or pipe (``/dev/null``) is written directly. A file is
+    written to ``.NAME.XXXXXXXX.partial`` beside it (a symlink's target), flushed to disk and
+    renamed over it when the body returns; if it raises (an error, Ctrl-C, SIGTERM), the
+    partial file is removed and the old output is untouched. The new file keeps an existing
+    output's permission bits; a new one gets the umask's (as ``open`` would).
+    """
+    if dst == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    target = Path(os.path.realpath(dst))
+    try:
+        old = target.stat()
+    except FileNotFoundError:
+        old = None
+    if old is not None and not stat.S_ISREG(old.st_mode):
+        with open(target, "w", encoding="utf-8") as out:
+            yield out
+        return
+    mode = stat.S_IMODE(old.st_mode) if old is not None else 0o666 & ~_umask()
+    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(partial, mode)
+        os.replace(partial, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself, on disk
+        directory = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+class Progress:
+    """Lines done: a tqdm bar on ``stream`` (lines done of the total, lines/s, time left) when
+    it is a terminal, otherwise one log line per chunk."""
+
+    def __init__(self, total: int | None, stream: TextIO | None = None):
+        stream = sys.stderr if stream is None else stream
+        self.total, self.bar = total, None
+        if stream.isatty():
+            from tqdm import tqdm
+
+            try:  # a terminal that reports no size (some pseudo-terminals) gets 100 x 20
+                sized = min(os.get_terminal_size(stream.fileno())) > 0
+            except (OSError, ValueError, io.UnsupportedOperation):
+                sized = False
+            self.bar = tqdm(
+                total=total, unit=" lines", file=stream, desc="translated",
+                dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 20,
+            )  # fmt: skip
+
+    def update(self, lines: int, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(lines)
+        elif self.total is not None:
+            log.info("translated %d of %d lines", done, self.total)
+        else:
+            log.info("translated %d lines", done)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[Progress]:
+        """While the bar shows, log lines print above it instead of through it."""
+        if self.bar is None:
+            yield self
+            return
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        try:
+            with logging_redirect_tqdm():
+                yield self
+        finally:
+            self.bar.close()
+
+
+def main():
+    f = flags.FLAGS
+    if f.workdir is None:
+        raise cli.UsageError("--workdir is required")
+    # Everything that can be checked without the model, before loading it: a mistake is the
+    # only line on stderr and nothing is written.
+    search = check_values(f)
+    check_readable("--input", f.input, "a text file, one sentence per line (or - for stdin)")
+    if f.reference:
+        if f.reference == "-" and f.input == "-":
+            raise cli.UsageError("--reference=- and --input=- cannot both read stdin")
+        check_readable("--reference", f.reference, "a text file, one reference per input line")
+    check_output(f.output, {"--input": f.input, "--reference": f.reference})
+    check_attention_plot(f)
+    model_config, _ = read_model_config(Path(f.workdir))
+    checkpoints.resolve(f.workdir, f.checkpoint)  # the checkpoint exists (read when loading)
+    kind = model_config.architecture
     if kind == "encoder_only":
         raise ValueError(
             f"{f.workdir} holds an encoder-only (masked LM) model: there is nothing to "
             "generate; decode.py translates (encoder-decoder) or continues prompts "
             "(decoder-only)"
         )
+    if kind == "decoder_only" and (f.attention_plot or f.reference):
+        raise cli.UsageError("--attention_plot and --reference are for translation")
+    regular = f.input != "-" and stat.S_ISREG(os.stat(f.input).st_mode)
+    total = count_lines(f.input) if regular else None
+    references = read_references(f.reference, total, f.input) if f.reference else None
+
+    enable_compilation_cache()
+    mesh = make_mesh()
+    model, params, tokenizer = load(f.workdir, f.checkpoint, mesh)
     if kind == "decoder_only":
-        if f.attention_plot or f.reference:
-            raise cli.UsageError("--attention_plot and --reference are for translation")
         continuer = Continuer(
             model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens or None,
             dtype=f.dtype, exported=exported_dir(),
         )  # fmt: skip
         translate_file(continuer.continue_lines, params, f.input, f.output, f.chunk_lines,
-                       f.scores)  # fmt: skip
+                       f.scores, total=total)  # fmt: skip
         return
     translator = Translator(
         model, tokenizer, search, mesh=mesh, tokens_per_batch=f.batch_tokens or None,
         dtype=f.dtype, exported=exported_dir(),
     )  # fmt: skip
     hypotheses = translate_file(
-        translator.translate, params, f.input, f.output, f.chunk_lines, f.scores
+        translator.translate, params, f.input, f.output, f.chunk_lines, f.scores, total=total
     )
+    translator.log_cut_sentences()
     if f.attention_plot and hypotheses:
         import plots  # matplotlib is only needed for this flag
 
@@ -124,11 +393,10 @@ def main():
         figures = plots.attention_for_sentence(model, params, tokenizer, first, hypotheses[0])
         for path in plots.save_attention(figures, f.attention_plot):
             log.info("wrote %s", path)
-    if f.reference:
-        references = [line for chunk in read_chunks(f.reference, 1 << 30) for line in chunk]
-        if len(references) != len(hypotheses):
+    if references is not None:
+        if len(references) != len(hypotheses):  # stdin input: counted only now
             raise DataError(
-                f"{f.reference} has {len(references)} lines but {f.input} has "
+                f"--reference={f.reference} has {len(references)} lines but {f.input} has "
                 f"{len(hypotheses)}; expected one reference per input line"
             )
         result = score(hypotheses, references)
@@ -136,23 +404,22 @@ def main():
         print(f"chrF {result['chrf']:.2f}  {result['chrf_signature']}", file=sys.stderr)
 
 
-def translate_file(generate, params, src: str, dst: str, chunk_lines: int, scores: bool):
+def translate_file(
+    generate, params, src: str, dst: str, chunk_lines: int, scores: bool, *, total=None
+) -> list[str]:
     """Streams ``src`` through ``generate`` (``Translator.translate`` or
-    ``Continuer.continue_lines``) into ``dst``; returns the best hypotheses."""
-    out = sys.stdout if dst == "-" else open(dst, "w", encoding="utf-8")  # noqa: SIM115
+    ``Continuer.continue_lines``) into ``dst`` (``output_stream``: a file appears only when
+    complete); returns the best hypotheses. ``total``: the input's lines, for the progress."""
     best, count = [], 0
-    try:
+    with output_stream(dst) as out, Progress(total).active() as progress:
         for chunk in read_chunks(src, chunk_lines):
             results = generate(params, chunk, first_line=count)
             for nbest in results:
                 out.write(format_line(nbest, scores) + "\n")
-            out.flush()
+            out.flush()  # the lines done so far, in the partial file (or on stdout)
             best.extend(nbest[0][0] for nbest in results)
             count += len(chunk)
-            log.info("translated %d lines", count)
-    finally:
-        if out is not sys.stdout:
-            out.close()
+            progress.update(len(chunk), count)
     return best
 
 
@@ -205,4 +472,6 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main, define_flags, "decode", (DataError, FileNotFoundError, ValueError))
+    cli.run(
+        main, define_flags, "decode", (DataError, FileNotFoundError, ValueError, CheckpointError)
+    )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from model import Transformer, use_mesh
 from model.sharding import place_batch
 
 log = logging.getLogger(__name__)
+
+# The largest length penalty exponent SearchConfig takes (see SearchConfig.validate).
+ALPHA_MAX = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,19 +64,51 @@ class SearchConfig:
     seed: int = 0
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuses settings no search can use, before any model is loaded or traced.
+
+        Raises:
+          ValueError: one line naming the setting by its ``decode.py`` flag, the value and the
+            allowed range (``training.evaluation`` takes ``beam_size`` and ``alpha`` from the
+            config fields of the same names).
+        """
         if self.method not in ("beam", "greedy", "sample"):
             raise ValueError(f"search method must be beam, greedy or sample, got {self.method!r}")
         if self.stopping not in STOPPING:
             raise ValueError(
                 f"stopping must be one of {', '.join(STOPPING)}, got {self.stopping!r}"
             )
-        if self.beam_size < 1 or not 1 <= self.n_best <= max(self.beam_size, 1):
-            raise ValueError(
-                f"need beam_size >= 1 and 1 <= n_best <= beam_size, got beam_size="
-                f"{self.beam_size}, n_best={self.n_best}"
-            )
+        if self.beam_size < 1:
+            raise ValueError(f"--beam_size={self.beam_size}: must be at least 1")
         if self.method != "beam" and self.n_best != 1:
-            raise ValueError(f"n_best={self.n_best} needs method='beam'")
+            raise ValueError(f"--n_best={self.n_best} needs --method=beam (the default)")
+        if not 1 <= self.n_best <= self.beam_size:
+            raise ValueError(
+                f"--n_best={self.n_best}: must be within [1, --beam_size={self.beam_size}]"
+            )
+        # The cap: lp(n) = ((5 + n) / 6) ** alpha is computed in float32 (largest 3.4e38). At
+        # alpha = 10 it is at most 2e22 for outputs of 1,024 tokens (2e28 for 4,096), but it
+        # overflows to inf from alpha = 17.2 (13.6 for 4,096 tokens): log P / inf is -0.0 for
+        # every hypothesis, all tie, and the search returns whatever comes first. Useful values
+        # are 0 to about 2 (the paper: 0.6), so 10 leaves room and stays far from overflow.
+        if not (math.isfinite(self.alpha) and 0 <= self.alpha <= ALPHA_MAX):
+            raise ValueError(
+                f"--alpha={self.alpha:g}: the length penalty exponent must be a finite number "
+                f"within [0, {ALPHA_MAX:g}] (the paper: 0.6)"
+            )
+        if self.extra_len < 1:
+            raise ValueError(f"--max_new_tokens={self.extra_len}: must be at least 1")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(
+                f"--temperature={self.temperature:g}: must be a finite number > 0 (1: the "
+                "model's own distribution)"
+            )
+        if self.top_k < 0:
+            raise ValueError(f"--top_k={self.top_k}: must be at least 0 (0: all tokens)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top_p={self.top_p:g}: must be within (0, 1] (1: all tokens)")
 
     def run(self, tokens_to_logits, cache, rng, **common) -> tuple[jax.Array, jax.Array]:
         """Runs this search (inside jit): ``common`` are the searches' shared arguments
@@ -150,6 +186,21 @@ class Translator:
         self._shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self._run = jax.jit(self._search, static_argnames="cache_length")
         self._exported = ExportedCache.for_mesh(exported, mesh)
+        # Sentences whose output limit the position table cut, over every call: the warning is
+        # logged for the first batch only (a 12k-line file said it 270 times), and
+        # ``log_cut_sentences`` gives the total.
+        self.cut_sentences = 0
+        self._cut_first = None
+
+    def log_cut_sentences(self) -> None:
+        """Logs how many sentences in all may produce fewer than source length + ``extra_len``
+        tokens, if more than the first warning said."""
+        if self._cut_first is not None and self.cut_sentences > self._cut_first:
+            log.warning(
+                "in all, %d sentences may produce fewer than source length + %d tokens "
+                "(max_positions=%d)",
+                self.cut_sentences, self.search.extra_len, self.model.config.max_positions,
+            )  # fmt: skip
 
     def _search(self, params, src, max_lengths, rng, cache_length):
         fn, cache = cached_decoder(self.model, {"params": params}, src, cache_length)
@@ -215,12 +266,15 @@ class Translator:
                 length, limits = self.output_limits(src)
                 real = batch["index"] >= 0
                 cut = int(np.sum(real & (np.sum(src > 0, axis=1) + extra > length)))
-                if cut:
+                if cut and self._cut_first is None:
+                    self._cut_first = cut
                     log.warning(
                         "%d sentences may produce fewer than source length + %d tokens: the "
-                        "model's position table ends at max_positions=%d",
+                        "model's position table ends at max_positions=%d (said for the first batch "
+                        "only; later ones are counted)",
                         cut, extra, cfg.max_positions,
                     )  # fmt: skip
+                self.cut_sentences += cut
                 out = dispatch(
                     self._exported, self._run, self._search, description, params,
                     place_batch(src, self.mesh), place_batch(limits, self.mesh),

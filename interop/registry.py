@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ class Reader:
     help: str
     options: tuple[str, ...]
     read: Callable[..., TransformerBundle]
+    # The model's architecture read cheaply before ``read`` (None: unknown, ``read`` will say).
+    architecture: Callable[[str], str | None] = lambda path: None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,15 @@ def _read_workdir(path: str, checkpoint: str | None = None) -> TransformerBundle
     return read_workdir(path, checkpoint)
 
 
+def _workdir_architecture(path: str) -> str | None:
+    """A workdir's architecture from its ``model_config.json`` (no model is built)."""
+    try:
+        saved = json.loads((Path(path) / "model_config.json").read_text())
+    except (OSError, ValueError):
+        return None  # read_workdir names what is missing or broken
+    return saved.get("architecture", "encoder_decoder") if isinstance(saved, dict) else None
+
+
 def _marian(module: str = "marian"):
     """``interop.marian`` (the reader) or ``interop.marian_export`` (the writer)."""
     try:
@@ -77,6 +89,7 @@ READERS: dict[str, Reader] = {
         help="a train.py workdir (model_config.json, tokenizer.model, checkpoints)",
         options=("checkpoint",),
         read=_read_workdir,
+        architecture=_workdir_architecture,
     ),
     "marian": Reader(
         help="a Hugging Face Marian (OPUS-MT) directory: config.json, model.safetensors, "
@@ -152,11 +165,26 @@ def convert(input: str, output: str, *, force: bool = False, **options: Any) -> 
             )
     writer_options = {k: v for k, v in given.items() if k in writer.options}
     writer.check(out_path, force, **writer_options)
+    _check_architecture(reader.architecture(in_path), in_path, out_kind)  # before reading
     bundle = reader.read(in_path, **{k: v for k, v in given.items() if k in reader.options})
-    kind = bundle.config.architecture
-    if out_kind != "workdir" and kind != "encoder_decoder":
+    _check_architecture(bundle.config.architecture, in_path, out_kind)
+    return writer.write(bundle, out_path, force, **writer_options)
+
+
+def _check_architecture(kind: str | None, in_path: str, out_kind: str) -> None:
+    """Refuses a model the output kind cannot take (None: not known yet)."""
+    if kind == "encoder_only":
+        why = (
+            "a workdir of one is copied as a directory"
+            if out_kind == "workdir"
+            else "that kind holds translation (encoder-decoder) models only"
+        )
+        raise ConversionError(
+            f"{in_path} holds an encoder-only (masked LM) model: masked LMs cannot be exported "
+            f"to --output={out_kind}: ({why})"
+        )
+    if kind is not None and out_kind != "workdir" and kind != "encoder_decoder":
         raise ConversionError(
             f"--output={out_kind}: takes translation (encoder-decoder) models; {in_path} holds a "
             f"{kind} model"
         )
-    return writer.write(bundle, out_path, force, **writer_options)

@@ -19,11 +19,14 @@ import filecmp
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import linen as nn
 
 import model as model_lib
@@ -34,6 +37,7 @@ from model import TransformerConfig, init_inputs, make_mesh
 from model.encoder_only import model_vocab_size
 from model.sharding import logical_to_sharding
 from training import checkpoints
+from training.checkpoint_checks import DAMAGED, TRANSIENT, CheckpointReadError, classify, describe
 
 log = logging.getLogger("interop")
 
@@ -170,12 +174,124 @@ def load(workdir: str | Path, which: str | int = "latest", mesh=None):
         nn.unbox(boxed),
         shardings,
     )
-    params, meta = checkpoints.load_params(workdir, which, abstract)
+    params, meta, _, step = restore_params(workdir, which, abstract)
     # Logged as decode.py's: this is the line its users have always seen.
     logging.getLogger("decode").info(
-        "loaded %s checkpoint of step %s from %s", which, meta.get("step"), workdir
+        "loaded %s checkpoint of step %s from %s", which, step, workdir
     )
     return model, params, tokenizer
+
+
+class _Damaged(Exception):
+    """Internal: the checkpoint read is damaged (the message says how)."""
+
+
+def _restore(workdir: Path, which: str | int, abstract) -> tuple[Any, dict]:
+    """``checkpoints.load_params``, its errors told apart: ``_Damaged`` for damaged files,
+    ``CheckpointReadError`` (one line) for anything else."""
+    try:
+        return checkpoints.load_params(workdir, which, abstract)
+    except Exception as err:  # Orbax's errors for unreadable checkpoints vary
+        if classify(err) == DAMAGED:
+            why = describe(err)  # TensorStore's lines run to 2,000 characters
+            raise _Damaged(why if len(why) <= 160 else why[:159] + "…") from err
+        kind, step = checkpoints.resolve(workdir, which)
+        cause = "an I/O error that may pass: rerun" if classify(err) == TRANSIENT else ""
+        raise CheckpointReadError(
+            f"could not read checkpoint {workdir / kind / str(step)} ({describe(err)})"
+            + (f"; {cause}" if cause else "")
+        ) from None
+
+
+def restore_params(
+    workdir: str | Path, which: str | int = "latest", abstract=None
+) -> tuple[Any, dict, str, int]:
+    """The parameters of a workdir's checkpoint, for decoding and converting; a reader that
+    moves and changes nothing (``train.py`` sets damaged checkpoints aside when it resumes).
+
+    ``latest`` skips damaged checkpoints (truncated, garbled or missing files) for the newest
+    readable one, with one warning naming both steps. A damaged checkpoint named explicitly (a
+    step, ``best``, ``averaged``, ``imported``) is an error naming the newest readable training
+    checkpoint before it, to pass as ``--checkpoint`` instead.
+
+    Returns:
+      ``(params, meta, kind, step)``: the checkpoint used is ``WORKDIR/kind/step``.
+
+    Raises:
+      FileNotFoundError: there is no such checkpoint.
+      CheckpointReadError: it (and, for ``latest``, every earlier one) is damaged, or reading
+        failed for another reason; one line.
+    """
+    workdir = Path(workdir)
+    _drop_closed_event_loop_noise()
+    kind, step = checkpoints.resolve(workdir, which)
+    try:
+        params, meta = _restore(workdir, which, abstract)
+        return params, meta, kind, step
+    except _Damaged as err:
+        damaged = [f"{kind}/{step}: {err}"]
+    directory = workdir / "checkpoints"
+    earlier = sorted(
+        ocp.utils.checkpoint_steps(directory) if directory.is_dir() else [], reverse=True
+    )
+    if kind == "checkpoints":
+        earlier = [s for s in earlier if s < step]
+    for candidate in earlier:
+        try:
+            params, meta = _restore(workdir, candidate, abstract)
+        except _Damaged as err:
+            damaged.append(f"checkpoints/{candidate}: {err}")
+            continue
+        break
+    else:
+        candidate = None
+    if which == "latest" and candidate is not None:
+        log.warning(
+            "damaged checkpoint in %s (%s); using step %d, the newest readable one (nothing "
+            "in the workdir was changed; train.py sets damaged checkpoints aside)",
+            workdir, "; ".join(damaged), candidate,
+        )  # fmt: skip
+        return params, meta, "checkpoints", candidate
+    hint = (
+        f"the newest readable earlier checkpoint is step {candidate}: rerun with "
+        f"--checkpoint={candidate}"
+        if candidate is not None
+        else f"no checkpoint in {directory} is readable"
+    )
+    raise CheckpointReadError(
+        f"checkpoint {kind}/{step} of {workdir} is damaged ({damaged[0].split(': ', 1)[1]}); "
+        f"nothing in the workdir was changed; {hint}"
+    )
+
+
+def _drop_closed_event_loop_noise() -> None:
+    """Keeps a failed read to its one error line: after Orbax gives up on a damaged checkpoint,
+    TensorStore's other pending reads call back into the event loop Orbax has closed, and each
+    prints a ``RuntimeError: Event loop is closed`` traceback (60 for the tiny model) through
+    ``sys.unraisablehook``. Those, and only those, are dropped."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_event_loops", False):
+        return
+
+    def hook(unraisable):
+        err = unraisable.exc_value
+        if isinstance(err, RuntimeError) and str(err) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.drops_closed_event_loops = True
+    sys.unraisablehook = hook
+
+
+def _saved_architecture(workdir: Path) -> str | None:
+    """``model_config.json``'s architecture, read before the config is checked; None if absent."""
+    try:
+        saved = json.loads((workdir / MODEL_CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict):
+        return None
+    return TransformerConfig.normalised_dict(saved).get("architecture")
 
 
 def _host_abstract_params(model):
@@ -209,14 +325,20 @@ def read_workdir(workdir: str | Path, checkpoint: str | int | None = None) -> Tr
     tokenizer_path = workdir / "tokenizer.model"  # None for an imported (Marian) tokenizer
     tokenizer_path = tokenizer_path if tokenizer_path.exists() else None
     try:
+        if _saved_architecture(workdir) == "encoder_only":  # its tokenizer lacks the mask id
+            raise ValueError(
+                "it holds an encoder-only (masked LM) model, which cannot be converted"
+            )
         config, tokenizer = read_model_config(workdir)
         kind, step = checkpoints.resolve(workdir, which)
     except (FileNotFoundError, ValueError, DataError) as err:
         raise ConversionError(f"cannot read workdir {workdir}: {err}") from None
     try:
-        params, _ = checkpoints.load_params(
+        params, _, kind, step = restore_params(
             workdir, which, _host_abstract_params(build_model(config))
         )
+    except CheckpointReadError as err:  # one line already (a damaged checkpoint included)
+        raise ConversionError(str(err)) from None
     except Exception as err:  # Orbax's errors for unreadable or mismatched checkpoints vary.
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise ConversionError(

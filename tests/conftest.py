@@ -104,3 +104,19 @@ def tiny_loaded(tiny_workdir):
     from interop.workdir import load
 
     return load(tiny_workdir)
+
+
+@pytest.fixture(scope="session")
+def two_checkpoint_workdir(tiny_workdir, tmp_path_factory) -> Path:
+    """``tiny_workdir`` resumed for 2 more steps: at least two training checkpoints (its last
+    step and 2 after), whatever configs/tiny.py's checkpoint interval, for tests that damage the
+    newest. Tests copy it before changing it."""
+    import training.loop
+    from tests.test_train import QUIET, tiny_config
+    from training import checkpoints
+
+    path = tmp_path_factory.mktemp("two_checkpoints") / "W"
+    shutil.copytree(tiny_workdir, path)
+    _, last = checkpoints.resolve(path)
+    training.loop.train_and_evaluate(tiny_config(num_train_steps=last + 2, **QUIET), path)
+    return path

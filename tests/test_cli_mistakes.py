@@ -3,11 +3,12 @@
 Each row runs the real command in a fresh process and checks what a user meets: the exit
 status, exactly one line on stderr naming the problem (no traceback), and every file that
 existed before (input, output, workdir) byte for byte unchanged, with no file added or removed.
-Rows whose mistake can only be found after work has begun (bad UTF-8 far into a file) allow the
+Rows whose mistake can only be found after work has begun (``one_line=False``) allow the
 progress lines before the error but still check that nothing a user owns changed.
 
 A row's arguments and set-up are functions of a ``Case``: its scratch directory (the current
-directory of the command) and a trained tiny workdir copied into it.
+directory of the command) and a trained tiny workdir copied into it (and, for rows that need
+one, a masked LM's).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Case:
     tmp: Path  # the command's current directory; every file under it is checked
     workdir: Path  # a trained tiny translation workdir (a copy, under tmp)
     corpus: Path  # the repository's tiny corpus (read-only input)
+    mlm: Path  # a trained tiny masked-LM workdir (a copy, under tmp) for rows that need it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +45,14 @@ class Mistake:
     id: str
     tool: str  # "train.py" | "decode.py" | "convert.py"
     args: Callable[[Case], list[str]]
-    expect: str  # a regular expression the error line must match (re.search)
+    expect: str | Callable[[Case], str]  # a regular expression the error line must match
     setup: Callable[[Case], None] = lambda case: None
     code: int = 1
     one_line: bool = True  # False: progress lines may come first; the error is the last line
     env: dict = dataclasses.field(default_factory=dict)
+    # "mlm": the masked-LM workdir is copied into the case; "checkpoints": the case workdir has
+    # at least two training checkpoints (two_checkpoint_workdir)
+    needs: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return self.id
@@ -69,6 +74,58 @@ def dev_lines(case: Case, n: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # decode.py
 # ---------------------------------------------------------------------------------------------
+def workdir(case: Case) -> str:
+    return f"--workdir={case.workdir}"
+
+
+def text_in(case: Case, name: str = "x.en", n: int = 12) -> None:
+    write(case.tmp / name, dev_lines(case, n))
+
+
+def text_and_old_output(case: Case) -> None:
+    """``x.en`` to translate and an existing output ``o.txt`` holding ``KEEP``."""
+    text_in(case)
+    write(case.tmp / "o.txt", "KEEP\n")
+
+
+def late_bad_utf8(case: Case) -> None:
+    lines = dev_lines(case, 40).encode().split(b"\n")
+    lines[34] = b"broken \xff here"  # line 35: after three chunks of 10
+    write(case.tmp / "bad.en", b"\n".join(lines))
+    write(case.tmp / "o.txt", "KEEP\n")
+
+
+def fake_matplotlib(case: Case) -> None:
+    """A matplotlib that cannot be imported, ahead of the real one on PYTHONPATH=fake."""
+    text_and_old_output(case)
+    write(case.tmp / "fake" / "matplotlib" / "__init__.py", "raise ImportError('simulated')\n")
+
+
+def steps(case: Case) -> list[int]:
+    """The case workdir's training checkpoints, oldest first."""
+    directory = case.workdir / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def damage_newest_checkpoint(case: Case) -> None:
+    """Truncates every file of the newest checkpoint's parameter arrays, as a full disk would."""
+    assert len(steps(case)) >= 2, steps(case)  # rows with needs=("checkpoints",)
+    for f in (case.workdir / "checkpoints" / str(steps(case)[-1]) / "params" / "d").iterdir():
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    text_and_old_output(case)
+
+
+def value(flag: str, bad: str, expect: str, *more: str) -> Mistake:
+    """A row for one flag value out of range: refused before the model is loaded."""
+    return Mistake(
+        f"decode-{flag}={bad}",
+        "decode.py",
+        lambda c: [workdir(c), "--input=x.en", "--output=o.txt", f"--{flag}={bad}", *more],
+        expect,
+        setup=text_and_old_output,
+    )
+
+
 DECODE = [
     Mistake(
         "decode-no-workdir",
@@ -76,6 +133,162 @@ DECODE = [
         lambda c: ["--input=in.en", "--output=out.es"],
         r"--workdir is required",
         setup=lambda c: write(c.tmp / "in.en", "God is love.\n"),
+    ),
+    Mistake(
+        "decode-output-is-the-input",
+        "decode.py",
+        lambda c: [workdir(c), "--input=x.en", "--output=x.en"],
+        r"--output=x.en is the same file as --input=x.en: decoding would replace what it reads",
+        setup=text_in,
+    ),
+    Mistake(
+        "decode-output-is-the-input-via-a-symlink",
+        "decode.py",
+        lambda c: [workdir(c), "--input=x.en", "--output=link.en"],
+        r"--output=link.en is the same file as --input=x.en",
+        setup=lambda c: (text_in(c), (c.tmp / "link.en").symlink_to("x.en")),
+    ),
+    Mistake(
+        "decode-output-is-the-input-spelt-./x.en",
+        "decode.py",
+        lambda c: [workdir(c), "--input=x.en", "--output=./x.en"],
+        r"--output=./x.en is the same file as --input=x.en",
+        setup=text_in,
+    ),
+    Mistake(
+        "decode-output-is-the-input-via-a-hard-link",
+        "decode.py",
+        lambda c: [workdir(c), "--input=x.en", "--output=hard.en"],
+        r"--output=hard.en is the same file as --input=x.en",
+        setup=lambda c: (text_in(c), os.link(c.tmp / "x.en", c.tmp / "hard.en")),
+    ),
+    Mistake(
+        "decode-output-is-the-reference",
+        "decode.py",
+        lambda c: [workdir(c), "--input=x.en", "--reference=ref.es", "--output=ref.es"],
+        r"--output=ref.es is the same file as --reference=ref.es",
+        setup=lambda c: (text_in(c), text_in(c, "ref.es")),
+    ),
+    Mistake(
+        "decode-missing-input-keeps-the-old-output",
+        "decode.py",
+        lambda c: [workdir(c), "--input=missing.en", "--output=o.txt"],
+        r"--input=missing.en: no such file; expected a text file",
+        setup=lambda c: write(c.tmp / "o.txt", "KEEP\n"),
+    ),
+    Mistake(
+        "decode-input-is-a-directory",
+        "decode.py",
+        lambda c: [workdir(c), "--input=D", "--output=o.txt"],
+        r"--input=D is a directory; expected a text file",
+        setup=lambda c: (write(c.tmp / "D" / "a.en", "God is love.\n"), text_and_old_output(c)),
+    ),
+    Mistake(
+        # Found before the model loads (the input is read through once, counted and checked),
+        # so the old output and no partial file are all that is there.
+        "decode-invalid-utf8-late-in-the-input",
+        "decode.py",
+        lambda c: [workdir(c), "--input=bad.en", "--output=o.txt", "--chunk_lines=10"],
+        r"bad.en:35: invalid UTF-8 at byte 7 .*expected UTF-8 text",
+        setup=late_bad_utf8,
+    ),
+    Mistake(
+        "decode-output-is-a-directory",
+        "decode.py",
+        lambda c: [workdir(c), "--input=x.en", "--output=D"],
+        r"--output=D is a directory; expected a file name",
+        setup=lambda c: (text_in(c), write(c.tmp / "D" / "keep.txt", "KEEP\n")),
+    ),
+    Mistake(
+        "decode-output-in-a-missing-directory",
+        "decode.py",
+        lambda c: [workdir(c), "--input=x.en", "--output=nodir/o.txt"],
+        r"--output=nodir/o.txt: directory \S*/nodir does not exist",
+        setup=text_in,
+    ),
+    Mistake(
+        "decode-missing-reference-before-translating",
+        "decode.py",
+        lambda c: [workdir(c), "--input=x.en", "--output=o.txt", "--reference=missing.es"],
+        r"--reference=missing.es: no such file; expected a text file, one reference per input",
+        setup=text_and_old_output,
+    ),
+    Mistake(
+        "decode-reference-is-a-directory",
+        "decode.py",
+        lambda c: [workdir(c), "--input=x.en", "--output=o.txt", "--reference=D"],
+        r"--reference=D is a directory",
+        setup=lambda c: (text_and_old_output(c), (c.tmp / "D").mkdir()),
+    ),
+    Mistake(
+        "decode-reference-of-another-length-before-translating",
+        "decode.py",
+        lambda c: [workdir(c), "--input=x.en", "--output=o.txt", "--reference=ref.es"],
+        r"--reference=ref.es has 5 lines but x.en has 12; expected one reference per input line",
+        setup=lambda c: (text_and_old_output(c), text_in(c, "ref.es", 5)),
+    ),
+    value("alpha", "nan", r"--alpha=nan: .*must be a finite number within \[0, 10\]"),
+    value("alpha", "1e9", r"--alpha=1e\+09: .*must be a finite number within \[0, 10\]"),
+    value("alpha", "-1", r"--alpha=-1: .*must be a finite number within \[0, 10\]"),
+    value("max_new_tokens", "0", r"--max_new_tokens=0: must be at least 1"),
+    value("batch_tokens", "-1", r"--batch_tokens=-1: must be at least 0"),
+    value("beam_size", "0", r"--beam_size=0: must be at least 1"),
+    value("n_best", "5", r"--n_best=5: must be within \[1, --beam_size=4\]"),
+    value("temperature", "0", r"--temperature=0: must be a finite number > 0", "--method=sample"),
+    value("top_k", "-1", r"--top_k=-1: must be at least 0", "--method=sample"),
+    value("top_p", "0", r"--top_p=0: must be within \(0, 1\]", "--method=sample"),
+    value("top_p", "1.5", r"--top_p=1.5: must be within \(0, 1\]", "--method=sample"),
+    value("chunk_lines", "0", r"--chunk_lines=0: must be at least 1"),
+    Mistake(
+        # Refused, not read from stdin while the file is ignored.
+        "decode-positional-argument",
+        "decode.py",
+        lambda c: [workdir(c), "x.en"],
+        r"unexpected argument 'x.en': every input is a flag \(for example --input=x.en\)",
+        setup=text_in,
+    ),
+    Mistake(
+        "decode-attention-plot-without-matplotlib",
+        "decode.py",
+        lambda c: [workdir(c), "--input=x.en", "--output=o.txt", "--attention_plot=a.png"],
+        r'--attention_plot needs matplotlib \(simulated\): pip install -e "\.\[plot\]"',
+        setup=fake_matplotlib,
+        env={"PYTHONPATH": "fake"},  # relative to the case directory, the command's cwd
+    ),
+    Mistake(
+        "decode-attention-plot-to-stdout",
+        "decode.py",
+        lambda c: [workdir(c), "--input=x.en", "--output=o.txt", "--attention_plot=-"],
+        r"--attention_plot=-: the plots are PNG files; expected FILE.png",
+        setup=text_and_old_output,
+    ),
+    Mistake(
+        "decode-attention-plot-of-stdin",
+        "decode.py",
+        lambda c: [workdir(c), "--input=-", "--output=o.txt", "--attention_plot=a.png"],
+        r"--attention_plot needs --input=FILE",
+        setup=text_and_old_output,
+    ),
+    Mistake(
+        "decode-checkpoint-that-does-not-exist",
+        "decode.py",
+        lambda c: [workdir(c), "--input=x.en", "--output=o.txt", "--checkpoint=999"],
+        lambda c: (
+            rf"no checkpoint for step 999 in \S+; available steps: {re.escape(str(steps(c)))}"
+        ),
+        setup=text_and_old_output,
+    ),
+    Mistake(
+        "decode-damaged-checkpoint-named-explicitly",
+        "decode.py",
+        lambda c: [workdir(c), "--input=x.en", "--output=o.txt", f"--checkpoint={steps(c)[-1]}"],
+        lambda c: (
+            rf"checkpoint checkpoints/{steps(c)[-1]} of \S+ is damaged \(.+\); nothing in "
+            rf"the workdir was changed; the newest readable earlier checkpoint is step "
+            rf"{steps(c)[-2]}: rerun with --checkpoint={steps(c)[-2]}$"
+        ),
+        setup=damage_newest_checkpoint,
+        needs=("checkpoints",),
     ),
 ]
 
@@ -100,6 +313,30 @@ CONVERT = [
         "convert.py",
         lambda c: [f"--input=workdir:{c.workdir}", "--output=onnx:out"],
         r"onnx",
+    ),
+    Mistake(
+        # Was: "the tokenizer has 500 pieces but the model's vocab_size is 501".
+        "convert-masked-lm",
+        "convert.py",
+        lambda c: [f"--input=workdir:{c.mlm}", "--output=ctranslate2:out"],
+        r"holds an encoder-only \(masked LM\) model: masked LMs cannot be exported to "
+        r"--output=ctranslate2:",
+        needs=("mlm",),
+    ),
+    Mistake(
+        "convert-damaged-checkpoint-named-explicitly",
+        "convert.py",
+        lambda c: [
+            f"--input=workdir:{c.workdir}",
+            "--output=workdir:out",
+            f"--checkpoint={steps(c)[-1]}",
+        ],
+        lambda c: (
+            rf"checkpoint checkpoints/{steps(c)[-1]} of \S+ is damaged .*rerun with "
+            rf"--checkpoint={steps(c)[-2]}$"
+        ),
+        setup=damage_newest_checkpoint,
+        needs=("checkpoints",),
     ),
 ]
 
@@ -127,16 +364,36 @@ def run_tool(tool: str, args: list[str], cwd: Path, env: dict | None = None, tim
     )  # fmt: skip
 
 
+@pytest.fixture(scope="session")
+def mlm_workdir(tmp_path_factory) -> Path:
+    """A masked LM (configs/mlm_tiny.py) trained for 2 steps: enough to be a workdir."""
+    import training.loop
+    from configs.mlm_tiny import get_config
+    from tests.test_train import QUIET
+
+    path = tmp_path_factory.mktemp("mlm_workdir")
+    config = get_config()
+    config.update(dict(num_train_steps=2, checkpoint_every_steps=2, **QUIET))
+    training.loop.train_and_evaluate(config, path)
+    return path
+
+
 @pytest.fixture
 def case(tiny_workdir, tiny_corpus, tmp_path) -> Case:
     workdir = tmp_path / "W"
     shutil.copytree(tiny_workdir, workdir)
-    return Case(tmp=tmp_path, workdir=workdir, corpus=tiny_corpus)
+    return Case(tmp=tmp_path, workdir=workdir, corpus=tiny_corpus, mlm=tmp_path / "MLM")
 
 
 @pytest.mark.parametrize("row", ROWS, ids=str)
-def test_a_mistake_is_one_line_and_nothing_is_lost(row: Mistake, case: Case):
+def test_a_mistake_is_one_line_and_nothing_is_lost(row: Mistake, case: Case, request):
+    if "mlm" in row.needs:
+        shutil.copytree(request.getfixturevalue("mlm_workdir"), case.mlm)
+    if "checkpoints" in row.needs:
+        shutil.rmtree(case.workdir)
+        shutil.copytree(request.getfixturevalue("two_checkpoint_workdir"), case.workdir)
     row.setup(case)
+    expect = row.expect(case) if callable(row.expect) else row.expect
     before = snapshot(case.tmp)
     result = run_tool(row.tool, row.args(case), case.tmp, row.env)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -145,5 +402,5 @@ def test_a_mistake_is_one_line_and_nothing_is_lost(row: Mistake, case: Case):
     assert lines, "no error line on stderr"
     if row.one_line:
         assert len(lines) == 1, result.stderr[-3000:]
-    assert re.search(row.expect, lines[-1]), lines[-1]
+    assert re.search(expect, lines[-1]), lines[-1]
     assert snapshot(case.tmp) == before

@@ -154,3 +154,58 @@ def test_a_bf16_model_decodes_in_bf16_on_cpu_only_with_amx(tiny_loaded, monkeypa
 def test_search_config_refuses_an_unknown_stopping_rule():
     with pytest.raises(ValueError, match="stopping must be one of exact, count, got 'never'"):
         SearchConfig(stopping="never")
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(alpha=float("nan")), r"--alpha=nan: .* finite number within \[0, 10\]"),
+        (dict(alpha=1e9), r"--alpha=1e\+09: .* within \[0, 10\]"),
+        (dict(alpha=-0.5), r"--alpha=-0.5: .* within \[0, 10\]"),
+        (dict(beam_size=0), r"--beam_size=0: must be at least 1"),
+        (dict(beam_size=2, n_best=3), r"--n_best=3: must be within \[1, --beam_size=2\]"),
+        (dict(n_best=0), r"--n_best=0: must be within \[1, --beam_size=4\]"),
+        (dict(method="greedy", n_best=2), r"--n_best=2 needs --method=beam"),
+        (dict(extra_len=0), r"--max_new_tokens=0: must be at least 1"),
+        (dict(method="sample", temperature=0.0), r"--temperature=0: must be a finite number > 0"),
+        (dict(temperature=float("inf")), r"--temperature=inf: must be a finite number > 0"),
+        (dict(top_k=-1), r"--top_k=-1: must be at least 0"),
+        (dict(top_p=0.0), r"--top_p=0: must be within \(0, 1\]"),
+        (dict(top_p=1.5), r"--top_p=1.5: must be within \(0, 1\]"),
+    ],
+    ids=lambda x: str(x) if isinstance(x, dict) else "",
+)
+def test_search_config_refuses_values_outside_their_range(bad, message):
+    with pytest.raises(ValueError, match=message):
+        SearchConfig(**bad)
+
+
+def test_search_config_takes_the_edges_of_each_range():
+    SearchConfig(alpha=0.0)
+    SearchConfig(alpha=10.0, beam_size=1, n_best=1, extra_len=1)
+    SearchConfig(method="sample", temperature=1e-3, top_k=0, top_p=1.0)
+
+
+def test_the_position_table_warning_is_logged_once_then_totalled(tiny_loaded, caplog):
+    model, params, tokenizer = tiny_loaded
+    # The position table cuts the output limit of every source (EOS included, itself cut to
+    # max_positions - 1) for which source + 50 does not fit: with 64 positions, over 14 tokens.
+    positions = model.config.max_positions
+    long_lines = [
+        f"The {n} sons of Israel went out of Egypt with {n + 1} sheep." for n in range(40)
+    ]
+    lines = long_lines + ["Amen."] * 10
+    n = [min(len(tokenizer.encode(line)) + 1, positions - 1) for line in lines]
+    expected = sum(k + 50 > positions for k in n)
+    assert expected >= 40
+    greedy = Translator(model, tokenizer, SearchConfig(method="greedy"), tokens_per_batch=128)
+    assert len(greedy.batches(lines)) > 4  # several batches, each with long sources
+    with caplog.at_level("WARNING", logger="decoding.translate"):
+        greedy.translate(params, lines[:25])
+        greedy.translate(params, lines[25:])
+        said = [r.getMessage() for r in caplog.records if "may produce fewer" in r.getMessage()]
+        assert len(said) == 1 and "for the first batch only" in said[0]
+        greedy.log_cut_sentences()
+    said = [r.getMessage() for r in caplog.records if "may produce fewer" in r.getMessage()]
+    assert greedy.cut_sentences == expected
+    assert len(said) == 2 and said[1].startswith(f"in all, {expected} sentences")
