@@ -1,6 +1,7 @@
 """The training loop: steps, logging, evaluation, checkpoints, until the plan's last step.
 
 `train_and_evaluate` is what ``python train.py`` runs (and what tests and the notebook call):
+`training.config_checks` refuses whatever cannot run before anything is written, then
 `training.setup` builds the run, `_loop` trains it, and whatever stops the loop, the last
 checkpoint is made durable before returning or raising.
 """
@@ -22,7 +23,7 @@ import numpy as np
 
 from interop.workdir import config_dict
 from model import use_mesh
-from training import budget, checkpoints, hardware
+from training import budget, checkpoints, config_checks, hardware
 from training.loop_tools import StopSignal, Window
 from training.setup import Run, setup
 from training.step import train_batch_sharding
@@ -43,9 +44,13 @@ def _next_batch(iterator, micro_batches: int) -> dict[str, np.ndarray]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Runs (or resumes) training; returns the last metrics row written."""
     wall = time.monotonic()
-    budget.check_config(config)  # before minutes of data and tokenizer set-up
+    workdir = Path(workdir)
+    config_checks.check_config(config)  # each field, before anything else
     config = hardware.resolve_config(config, workdir)  # dtype=auto -> this machine's choice
-    run = setup(config, Path(workdir))
+    # Everything else that can refuse the run, before a byte is written to the workdir.
+    start = config_checks.check_start(config, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = setup(config, workdir, start)
     run.started = wall
     stop = StopSignal()
     try:
