@@ -26,7 +26,7 @@ import cli
 import data
 from model.compilation import enable_compilation_cache
 from model.host_memory import tune_host_allocator
-from training import checkpoints, loop
+from training import checkpoints, loop, workdir_lock
 
 log = logging.getLogger("train")
 
@@ -75,6 +75,7 @@ ERRORS = (
     data.DataError,
     loop.NonFiniteLossError,
     checkpoints.CheckpointError,
+    workdir_lock.WorkdirLockError,
     FileNotFoundError,
     ValueError,
 )

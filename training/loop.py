@@ -1,9 +1,10 @@
 """The training loop: steps, logging, evaluation, checkpoints, until the plan's last step.
 
 `train_and_evaluate` is what ``python train.py`` runs (and what tests and the notebook call):
-`training.config_checks` refuses whatever cannot run before anything is written, then
-`training.setup` builds the run, `_loop` trains it, and whatever stops the loop, the last
-checkpoint is made durable before returning or raising.
+`training.config_checks` refuses whatever cannot run before anything is written, the workdir is
+created and locked (`training.workdir_lock`), `training.setup` builds the run, `_loop` trains
+it, and whatever stops the loop, the last checkpoint is made durable before returning or
+raising.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 
 from interop.workdir import config_dict
 from model import use_mesh
-from training import budget, checkpoints, config_checks, hardware
+from training import budget, checkpoints, config_checks, hardware, workdir_lock
 from training.loop_tools import StopSignal, Window
 from training.setup import Run, setup
 from training.step import train_batch_sharding
@@ -49,18 +50,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     config = hardware.resolve_config(config, workdir)  # dtype=auto -> this machine's choice
     # Everything else that can refuse the run, before a byte is written to the workdir.
     start = config_checks.check_start(config, workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    run = setup(config, workdir, start)
-    run.started = wall
-    stop = StopSignal()
-    try:
-        with use_mesh(run.mesh):
-            last_row = _loop(run, stop)
-    finally:
-        # Whatever stops the loop (an error, a signal), the last good checkpoint must be durable.
-        checkpoints.finish(run.mngr)
-        run.writer.close()
-        stop.restore()
+    with workdir_lock.hold_for_run(workdir):  # one process at a time in a workdir
+        run = setup(config, workdir, start)
+        run.started = wall
+        stop = StopSignal()
+        try:
+            with use_mesh(run.mesh):
+                last_row = _loop(run, stop)
+        finally:
+            # Whatever stops the loop (an error, a signal), the last good checkpoint must be
+            # durable.
+            checkpoints.finish(run.mngr)
+            run.writer.close()
+            stop.restore()
     step = int(run.state.step)
     log.info("done: %d steps in %.1f min (wall %.1f min)", step, run.clock() / 60, _minutes(wall))
     if run.plan.train_minutes:
