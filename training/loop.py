@@ -16,6 +16,7 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -42,8 +43,20 @@ def _next_batch(iterator, micro_batches: int) -> dict[str, np.ndarray]:
     return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Runs (or resumes) training; returns the last metrics row written."""
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    on_start: Callable[[], None] | None = None,
+) -> dict:
+    """Runs (or resumes) training; returns the last metrics row written.
+
+    Args:
+      config: the training configuration (``configs/common.py``).
+      workdir: the directory to train in (created if needed).
+      on_start: called once every check passed and the workdir is locked, before anything is
+        written there (``train.py`` then prints the log lines it held back).
+    """
     wall = time.monotonic()
     workdir = Path(workdir)
     config_checks.check_config(config)  # each field, before anything else
@@ -51,6 +64,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     # Everything else that can refuse the run, before a byte is written to the workdir.
     start = config_checks.check_start(config, workdir)
     with workdir_lock.hold_for_run(workdir):  # one process at a time in a workdir
+        if on_start is not None:
+            on_start()
         run = setup(config, workdir, start)
         run.started = wall
         stop = StopSignal()
