@@ -11,6 +11,7 @@ value and what was expected. ``--help`` still prints the usage.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import sys
@@ -40,6 +41,48 @@ def fail(log_name: str, message: str, code: int = 1):
     sys.exit(code)
 
 
+class HeldLogs:
+    """Holds back the log lines of a tool's checks, so that a refused start prints its ERROR
+    line alone: ``with HeldLogs(refusals) as held: ...; held.release()``.
+
+    ``release()`` (once the checks passed) prints what was held and lets later lines through.
+    Leaving the block without it prints what was held as well, unless the block ended with one
+    of ``refusals`` (the errors that become one ERROR line) or an interrupt: then the held
+    lines are dropped.
+    """
+
+    def __init__(self, refusals: tuple[type[BaseException], ...] = ()):
+        self.refusals = (UsageError, KeyboardInterrupt, SystemExit, *refusals)
+        self.records: list[logging.LogRecord] = []
+        self._handlers: list[logging.Handler] | None = None
+
+    def __enter__(self) -> HeldLogs:
+        root = logging.getLogger()
+        self._handlers, root.handlers = root.handlers[:], [_Collect(self.records)]
+        return self
+
+    def release(self, print_held: bool = True) -> None:
+        if self._handlers is None:
+            return
+        root = logging.getLogger()
+        root.handlers, self._handlers = self._handlers, None
+        for record in self.records if print_held else ():
+            root.callHandlers(record)
+        self.records.clear()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release(print_held=not (exc is not None and isinstance(exc, self.refusals)))
+
+
+class _Collect(logging.Handler):
+    def __init__(self, records: list[logging.LogRecord]):
+        super().__init__()
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def run(
     main: Callable[[], None],
     define_flags: Callable[[], None],
@@ -52,6 +95,9 @@ def run(
 
     def parse(argv: list[str]) -> list[str]:
         configure_logging()  # here: absl.app puts its own handler in place before parsing
+        missing = missing_config_file(argv)
+        if missing:
+            fail(log_name, missing)
         try:
             rest = flags.FLAGS(argv)
         except flags.Error as err:
@@ -85,6 +131,34 @@ def run(
 def _raise_keyboard_interrupt(signum, frame):
     del signum, frame
     raise KeyboardInterrupt
+
+
+def missing_config_file(argv: list[str]) -> str | None:
+    """The one line for a config-file flag (``--config=PATH``) naming no file, or None.
+
+    ml_collections loads the file lazily and reports a missing one as a long traceback when the
+    config is first used; this looks before the flags are parsed.
+    """
+    from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+    for name in list(flags.FLAGS):
+        if not isinstance(flags.FLAGS[name].parser, ConfigFileFlagParser):
+            continue
+        for i, arg in enumerate(argv[1:], 1):
+            if arg.startswith(f"--{name}="):
+                value = arg.split("=", 1)[1]
+            elif arg == f"--{name}" and i + 1 < len(argv):
+                value = argv[i + 1]
+            else:
+                continue
+            path = value.split(":", 1)[0]  # PATH:ARGUMENT passes ARGUMENT to get_config
+            if not os.path.isfile(path):
+                what = "a directory" if os.path.isdir(path) else "no such file"
+                return (
+                    f"--{name}={value}: {what}; expected a config file such as "
+                    "configs/default.py (every field and its meaning: configs/common.py)"
+                )
+    return None
 
 
 def unknown_config_field(argv: list[str], err: BaseException) -> str:

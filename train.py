@@ -10,6 +10,12 @@ checkpoint is set aside for the one before it; one that does not fit the configu
 another optimizer) stops the run naming the differences, and --config.init_from=OLD_WORKDIR
 starts a new workdir from its parameters with a fresh optimizer (see training/resume.py).
 
+Every field of the config, with its meaning, is in configs/common.py; set any of them with
+--config.FIELD=VALUE (model fields: --config.model.overrides.FIELD=VALUE). All of them, the data
+files and the workdir are checked before anything is written there; a mistake is one ERROR line
+and exit status 1. A workdir is used by one run at a time (training/workdir_lock.py): a second
+one is refused, naming the first one's PID and host.
+
 Several hosts: start the same command on each with --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I (or rely on the cluster environment JAX detects).
 """
@@ -26,7 +32,7 @@ import cli
 import data
 from model.compilation import enable_compilation_cache
 from model.host_memory import tune_host_allocator
-from training import checkpoints, loop
+from training import checkpoints, loop, workdir_lock
 
 log = logging.getLogger("train")
 
@@ -47,18 +53,24 @@ def main():
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
         raise cli.UsageError("--config and --workdir are required")
-    if flags.FLAGS.reuse_host_memory:
-        tune_host_allocator()  # before JAX starts its backend
-    _maybe_initialize_distributed()
-    enable_compilation_cache()
-    loop.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    # Until the run is checked and holds its workdir, the log lines wait: a refused start prints
+    # its one ERROR line alone.
+    with cli.HeldLogs(ERRORS) as held:
+        if flags.FLAGS.reuse_host_memory:
+            tune_host_allocator()  # before JAX starts its backend
+        _maybe_initialize_distributed()
+        enable_compilation_cache()
+        loop.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, on_start=held.release)
 
 
 def define_flags() -> None:
     """Command-line flags; defined on demand so that importing this module defines none."""
     config_flags.DEFINE_config_file(
-        "config", None, "Training configuration file.", lock_config=True
-    )
+        "config", None,
+        "Training configuration file (configs/default.py, configs/tiny.py, ...). Override any "
+        "field with --config.FIELD=VALUE; every field and its meaning: configs/common.py.",
+        lock_config=True,
+    )  # fmt: skip
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
     flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
     flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
@@ -75,6 +87,7 @@ ERRORS = (
     data.DataError,
     loop.NonFiniteLossError,
     checkpoints.CheckpointError,
+    workdir_lock.WorkdirLockError,
     FileNotFoundError,
     ValueError,
 )

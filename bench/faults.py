@@ -310,13 +310,19 @@ def write_failure(trainer: Trainer, root: Path, reference: dict, results: list):
     report(results, "failed checkpoint write", ok, outcome)
 
 
+def files_and_times(workdir: Path) -> list[tuple[str, int]]:
+    """Every path under ``workdir`` with its modification time, but the lock file, which every
+    run that holds the workdir rewrites with its PID (training/workdir_lock.py)."""
+    return sorted((str(p), p.stat().st_mtime_ns) for p in workdir.rglob("*") if p.name != ".lock")
+
+
 def mismatch(trainer: Trainer, root: Path, reference_dir: Path, results: list):
     workdir = root / "changed"
     shutil.copytree(reference_dir, workdir)
-    before = sorted((str(p), p.stat().st_mtime_ns) for p in workdir.rglob("*"))
+    before = files_and_times(workdir)
     code = trainer.run(workdir, grad_clip_norm=1.0)
     errors = [x for x in log_text(workdir).splitlines() if " ERROR " in x]
-    after = sorted((str(p), p.stat().st_mtime_ns) for p in workdir.rglob("*"))
+    after = files_and_times(workdir)
     named = len(errors) == 1 and "grad_clip_norm: 0.0 -> 1.0" in errors[0]
     ok = code == 1 and named and "opt_state" in errors[0] and before == after
     said = "one error line naming opt_state and grad_clip_norm" if named else "NOT NAMED"

@@ -188,6 +188,23 @@ def train_tokenizer(
     return Tokenizer(model.getvalue())
 
 
+def trained_vocab_size(path: str | Path) -> int:
+    """The ``vocab_size`` a SentencePiece model file was trained with (its ``trainer_spec``).
+
+    Raises:
+        DataError: The file is not a SentencePiece model.
+    """
+    from google.protobuf.message import DecodeError
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(Path(path).read_bytes())
+    except DecodeError:
+        raise DataError(f"{path}: not a SentencePiece model") from None
+    return proto.trainer_spec.vocab_size
+
+
 def load_or_train(path: str | Path, pairs: Sequence[tuple[str, str]], **kwargs) -> Tokenizer:
     """Loads the tokenizer at `path`, training it on `pairs` first if the file does not exist.
 

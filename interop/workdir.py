@@ -47,8 +47,8 @@ MODEL_CONFIG = "model_config.json"
 # The tokenizer of a workdir: read and listed by data.tokenizer, re-exported so that callers
 # find every workdir file here.
 __all__ = [
-    "build_model", "check_model_config", "config_dict", "copy_tokenizer", "load",
-    "model_config_diff", "read_model_config", "read_workdir", "workdir_tokenizer",
+    "build_model", "check_model_config", "check_tokenizer_copy", "config_dict", "copy_tokenizer",
+    "load", "model_config_diff", "read_model_config", "read_workdir", "workdir_tokenizer",
     "workdir_tokenizer_files", "write_configs", "write_model_config", "write_workdir",
 ]  # fmt: skip
 
@@ -102,9 +102,13 @@ def check_model_config(workdir: Path, model_cfg: TransformerConfig) -> None:
         )
 
 
-def copy_tokenizer(source: Path, workdir: Path) -> None:
-    """Puts the source workdir's tokenizer files (``tokenizer.model``, or an imported Marian
-    tokenizer's) in the new workdir, refusing different ones already there."""
+def check_tokenizer_copy(source: Path, workdir: Path) -> list[Path]:
+    """The source workdir's tokenizer files, which ``copy_tokenizer`` would put in ``workdir``.
+
+    Raises:
+      FileNotFoundError: the source has no tokenizer.
+      ValueError: ``workdir`` holds different ones already.
+    """
     files = workdir_tokenizer_files(source)
     if not files:
         raise FileNotFoundError(
@@ -117,6 +121,13 @@ def copy_tokenizer(source: Path, workdir: Path) -> None:
                 f"{dst} differs from {src}: fine-tuning needs the tokenizer the "
                 "parameters were trained with; use a new --workdir"
             )
+    return files
+
+
+def copy_tokenizer(source: Path, workdir: Path) -> None:
+    """Puts the source workdir's tokenizer files (``tokenizer.model``, or an imported Marian
+    tokenizer's) in the new workdir, refusing different ones already there."""
+    files = check_tokenizer_copy(source, workdir)
     if jax.process_index() == 0:
         # The descriptor (or tokenizer.model) last, so a crash never leaves a loadable half.
         for src in files:

@@ -44,11 +44,12 @@ def workdir(trained, tmp_path) -> Path:
 
 
 def snapshot(path: Path) -> dict[str, tuple[int, int]]:
-    """Every file under ``path`` with its size and modification time."""
+    """Every file under ``path`` with its size and modification time, but the workdir's lock
+    file: every run that holds the workdir writes its PID there (training/workdir_lock.py)."""
     return {
         str(f.relative_to(path)): (f.stat().st_size, f.stat().st_mtime_ns)
         for f in sorted(path.rglob("*"))
-        if f.is_file()
+        if f.is_file() and f.name != ".lock"
     }
 
 

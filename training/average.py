@@ -4,7 +4,9 @@
 
 The paper averages the last 5 checkpoints (written every 10 minutes) for base models and the
 last 20 for big ones. The result is written to ``WORKDIR/averaged/<newest step>`` and decodes
-like any other checkpoint: ``python decode.py --workdir=DIR --checkpoint=averaged ...``.
+like any other checkpoint: ``python decode.py --workdir=DIR --checkpoint=averaged ...``. It holds
+the workdir's lock while it works (``training.workdir_lock``), so it is refused while a run
+trains there (whose checkpoints it reads, and which deletes old ones).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from training import checkpoints
+from training import checkpoints, workdir_lock
 
 log = logging.getLogger("average")
 
@@ -31,18 +33,20 @@ def average_checkpoints(workdir: str | Path, num: int) -> tuple[int, list[int]]:
     steps = sorted(ocp.utils.checkpoint_steps(directory)) if directory.exists() else []
     if not steps:
         raise FileNotFoundError(f"no checkpoints to average in {directory}")
-    chosen = steps[-num:]
-    if len(chosen) < num:
-        log.warning("asked for %d checkpoints, %s has only %d", num, directory, len(chosen))
-    total = None
-    for step in chosen:
-        params, _ = checkpoints.load_params(workdir, step)
-        params = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
-        total = params if total is None else jax.tree.map(np.add, total, params)
-    mean = jax.tree.map(lambda x: (x / len(chosen)).astype(np.float32), total)
-    mngr = checkpoints.manager(workdir, "averaged", keep=3, async_save=False)
-    checkpoints.save_params(mngr, chosen[-1], mean, {"averaged_steps": chosen})
-    mngr.close()
+    # A run training in the workdir would delete checkpoints under our feet: one at a time.
+    with workdir_lock.acquire(workdir, "python -m training.average"):
+        chosen = steps[-num:]
+        if len(chosen) < num:
+            log.warning("asked for %d checkpoints, %s has only %d", num, directory, len(chosen))
+        total = None
+        for step in chosen:
+            params, _ = checkpoints.load_params(workdir, step)
+            params = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+            total = params if total is None else jax.tree.map(np.add, total, params)
+        mean = jax.tree.map(lambda x: (x / len(chosen)).astype(np.float32), total)
+        mngr = checkpoints.manager(workdir, "averaged", keep=3, async_save=False)
+        checkpoints.save_params(mngr, chosen[-1], mean, {"averaged_steps": chosen})
+        mngr.close()
     return chosen[-1], chosen
 
 
@@ -54,7 +58,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         step, steps = average_checkpoints(args.workdir, args.num)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, workdir_lock.WorkdirLockError) as err:
         log.error("%s", err)
         return 1
     log.info("averaged steps %s into %s/averaged/%d", steps, args.workdir, step)

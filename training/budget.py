@@ -96,16 +96,6 @@ class Plan:
         return cls(**{k: v for k, v in values.items() if k in fields})
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError for a ``train_minutes`` that is not a number >= 0."""
-    minutes = config.get("train_minutes", 0.0)
-    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes >= 0:
-        raise ValueError(
-            f"config.train_minutes={minutes!r} must be >= 0 (0 turns the wall-clock budget off; "
-            "M > 0 trains the number of steps that fits M minutes)"
-        )
-
-
 def fixed_plan(config: ml_collections.ConfigDict) -> Plan:
     """The plan without a budget: the config's steps, warmup and cooldown.
 
@@ -123,7 +113,6 @@ def start_plan(config: ml_collections.ConfigDict, meta: dict) -> tuple[Plan, boo
       ``(plan, measure)``: with ``measure`` True the plan is provisional (the config's numbers)
       until ``plan_from_speed`` replaces it after the first steps.
     """
-    check_config(config)
     minutes = config.get("train_minutes", 0.0)
     saved = meta.get("plan")
     if not minutes:

@@ -1,8 +1,10 @@
 """The training loop: steps, logging, evaluation, checkpoints, until the plan's last step.
 
 `train_and_evaluate` is what ``python train.py`` runs (and what tests and the notebook call):
-`training.setup` builds the run, `_loop` trains it, and whatever stops the loop, the last
-checkpoint is made durable before returning or raising.
+`training.config_checks` refuses whatever cannot run before anything is written, the workdir is
+created and locked (`training.workdir_lock`), `training.setup` builds the run, `_loop` trains
+it, and whatever stops the loop, the last checkpoint is made durable before returning or
+raising.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -22,7 +25,7 @@ import numpy as np
 
 from interop.workdir import config_dict
 from model import use_mesh
-from training import budget, checkpoints, hardware
+from training import budget, checkpoints, config_checks, hardware, workdir_lock
 from training.loop_tools import StopSignal, Window
 from training.setup import Run, setup
 from training.step import train_batch_sharding
@@ -40,22 +43,41 @@ def _next_batch(iterator, micro_batches: int) -> dict[str, np.ndarray]:
     return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Runs (or resumes) training; returns the last metrics row written."""
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    on_start: Callable[[], None] | None = None,
+) -> dict:
+    """Runs (or resumes) training; returns the last metrics row written.
+
+    Args:
+      config: the training configuration (``configs/common.py``).
+      workdir: the directory to train in (created if needed).
+      on_start: called once every check passed and the workdir is locked, before anything is
+        written there (``train.py`` then prints the log lines it held back).
+    """
     wall = time.monotonic()
-    budget.check_config(config)  # before minutes of data and tokenizer set-up
+    workdir = Path(workdir)
+    config_checks.check_config(config)  # each field, before anything else
     config = hardware.resolve_config(config, workdir)  # dtype=auto -> this machine's choice
-    run = setup(config, Path(workdir))
-    run.started = wall
-    stop = StopSignal()
-    try:
-        with use_mesh(run.mesh):
-            last_row = _loop(run, stop)
-    finally:
-        # Whatever stops the loop (an error, a signal), the last good checkpoint must be durable.
-        checkpoints.finish(run.mngr)
-        run.writer.close()
-        stop.restore()
+    # Everything else that can refuse the run, before a byte is written to the workdir.
+    start = config_checks.check_start(config, workdir)
+    with workdir_lock.hold_for_run(workdir):  # one process at a time in a workdir
+        if on_start is not None:
+            on_start()
+        run = setup(config, workdir, start)
+        run.started = wall
+        stop = StopSignal()
+        try:
+            with use_mesh(run.mesh):
+                last_row = _loop(run, stop)
+        finally:
+            # Whatever stops the loop (an error, a signal), the last good checkpoint must be
+            # durable.
+            checkpoints.finish(run.mngr)
+            run.writer.close()
+            stop.restore()
     step = int(run.state.step)
     log.info("done: %d steps in %.1f min (wall %.1f min)", step, run.clock() / 60, _minutes(wall))
     if run.plan.train_minutes:

@@ -88,7 +88,9 @@ def source_model_config(
     return TransformerConfig.from_dict({**values, **overrides})
 
 
-def _check_same_model(source: Path, model_cfg: TransformerConfig) -> None:
+def check_same_model(source: Path, model_cfg: TransformerConfig) -> None:
+    """Refuses an ``init_from`` source whose model differs from ``model_cfg`` (but for the
+    fields fine-tuning may change)."""
     path = source / "model_config.json"
     if not path.exists():
         raise FileNotFoundError(f"config.init_from: missing {path}")
@@ -124,7 +126,7 @@ def start_state(
         log.info("initialised a new model")
         return init_state(model, tx, shardings, jax.random.key(config.seed)), None, {}
     source, which = parse_init_from(config.init_from, workdir)
-    _check_same_model(source, model_cfg)
+    check_same_model(source, model_cfg)
     kind, step = checkpoints.resolve(source, which)
     params, _ = checkpoints.load_params(
         source, step if kind == "checkpoints" else kind, abstract.params

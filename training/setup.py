@@ -1,8 +1,10 @@
 """Everything a training run needs before its first step, in one `Run`.
 
-`setup` opens the data, trains or loads the tokenizer, builds the model, mesh, optimizer and
+`setup` trains (or copies, or loads) the tokenizer, builds the model, mesh, optimizer and
 compiled steps, and resumes (or starts) the training state from the workdir; the loop itself
-(`training.loop`) only consumes what it built.
+(`training.loop`) only consumes what it built. Everything that can refuse a run was checked
+before (`training.config_checks`, which also opened the data), and the caller holds the
+workdir's lock (`training.workdir_lock`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from jax.experimental import multihost_utils
 import data
 from interop import workdir as workdirs
 from model import make_mesh
-from training import budget, checkpoints, evaluation, resume
+from training import budget, checkpoints, config_checks, evaluation, resume
 from training.metrics import MetricsWriter, Stopwatch
-from training.state import OptimizerConfig, make_optimizer, model_config, state_shardings
+from training.state import OptimizerConfig, make_optimizer, state_shardings
 from training.step import jit_train_step, make_eval_step, train_flops_per_step
 
 # Below any dev BLEU and any minus-NLL: the first evaluation always makes a best checkpoint.
@@ -55,17 +57,16 @@ class Run:
     started: float = dataclasses.field(default_factory=time.monotonic)  # train_minutes counts
 
 
-def setup(config: ml_collections.ConfigDict, workdir: Path) -> Run:
-    """Data, tokenizer, model, mesh, optimizer, compiled steps; resumes from ``workdir``."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    train_pairs = data.open_split(config.data, "train")
-    dev_pairs = data.open_split(config.data, "dev")
-    source = None
-    if config.get("init_from"):
-        source, _ = resume.parse_init_from(config.init_from, workdir)  # refuses a bad value
-        if not resume.has_checkpoints(workdir):
-            # Fine-tuning: parameters only make sense with the tokenizer they were trained with.
-            workdirs.copy_tokenizer(source, workdir)
+def setup(config: ml_collections.ConfigDict, workdir: Path, start: config_checks.Start) -> Run:
+    """Tokenizer, model, mesh, optimizer, compiled steps; resumes from ``workdir``.
+
+    ``start`` is what ``config_checks.check_start`` found (the data opened, the model config);
+    the caller has created and locked the workdir.
+    """
+    train_pairs, dev_pairs = start.train_pairs, start.dev_pairs
+    if start.fine_tune:
+        # Fine-tuning: parameters only make sense with the tokenizer they were trained with.
+        workdirs.copy_tokenizer(start.source, workdir)
     # One process trains it; the others load the same file.
     if jax.process_index() == 0 and not workdirs.workdir_tokenizer_files(workdir):
         data.train_tokenizer(
@@ -74,16 +75,11 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> Run:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("tokenizer written")
     tokenizer = workdirs.workdir_tokenizer(workdir)
-    if config.model.preset == "init_from":
-        model_cfg = resume.source_model_config(config, source)
-    else:
-        model_cfg = model_config(config, tokenizer.vocab_size)
-    if config.row_length > model_cfg.max_positions:
-        raise ValueError(
-            f"config.row_length={config.row_length} exceeds the model's max_positions="
-            f"{model_cfg.max_positions}"
+    if tokenizer.vocab_size != start.vocab_size:  # SentencePiece makes exactly vocab_size pieces
+        raise data.DataError(
+            f"{workdir}'s tokenizer has {tokenizer.vocab_size} pieces, expected {start.vocab_size}"
         )
-    workdirs.check_model_config(workdir, model_cfg)
+    model_cfg = start.model_cfg
     model = workdirs.build_model(model_cfg)
 
     mesh = make_mesh(**config.mesh)
