@@ -47,13 +47,12 @@ def main() -> None:
     parser.add_argument("--fail-write-at-step", type=int, required=True)
     parser.add_argument("train_args", nargs="*", help="train.py's arguments, after --")
     args = parser.parse_args()
-    from absl import app
-
+    import cli
     import train
 
-    train.define_flags()
+    sys.argv = ["train.py", *args.train_args]  # train.py's own entry point reads them
     with fail_checkpoint_writes(args.fail_write_at_step):
-        app.run(train.main, argv=["train.py", *args.train_args])
+        cli.run(train.main, train.define_flags, "train", train.ERRORS)
 
 
 if __name__ == "__main__":

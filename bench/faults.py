@@ -43,9 +43,10 @@ SETTINGS = dict(
     checkpoint_every_steps=4, bleu_every_steps=6, eval_every_steps=0, eval_at_end=False,
     beam_size=1, eval_sentences=4, num_samples=0, log_every_steps=1, keep_checkpoints=3,
 ) | {
-    # The `tiny` preset's own shape: faults test the machinery, and this shape steps four times
-    # faster than configs/tiny.py's (sized to learn visibly).
+    # The `tiny` preset's own shape and schedule: faults test the machinery, and this shape
+    # steps four times faster than configs/tiny.py's (sized to learn visibly).
     "model.overrides.d_model": 32, "model.overrides.d_ff": 64, "tokens_per_step": 1024,
+    "lr_scale": 2.0, "warmup_steps": 10,
 }  # fmt: skip
 
 

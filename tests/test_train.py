@@ -43,18 +43,26 @@ QUIET = dict(eval_every_steps=0, bleu_every_steps=0, eval_at_end=False, log_ever
 
 
 # configs/tiny.py is sized to learn something visible in a minute; the tests check the machinery
-# on a few dozen steps, so they train the `tiny` preset's own shape, four times cheaper a step.
-FAST = {"model.overrides.d_model": 32, "model.overrides.d_ff": 64, "tokens_per_step": 1024}
+# on a few dozen steps, so they train what it was before: the `tiny` preset's own shape (four
+# times cheaper a step), its schedule and its evaluation and checkpoint cadence.
+FAST = {
+    "model.overrides.d_model": 32, "model.overrides.d_ff": 64, "tokens_per_step": 1024,
+    "lr_scale": 2.0, "warmup_steps": 10, "num_train_steps": 40, "log_every_steps": 10,
+    "eval_every_steps": 40, "eval_sentences": 16, "num_samples": 2, "checkpoint_every_steps": 20,
+}  # fmt: skip
 FAST_FLAGS = [f"--config.{k}={v}" for k, v in FAST.items()]
 
 
 def tiny_config(**changes) -> ml_collections.ConfigDict:
-    """configs/tiny.py (on the repository's fixture corpus) with the FAST shape and some fields
-    changed."""
+    """configs/tiny.py (on the repository's fixture corpus) as the tests train it (FAST), with
+    some fields changed."""
     cfg = get_config()
-    cfg.model.overrides.d_model = FAST["model.overrides.d_model"]
-    cfg.model.overrides.d_ff = FAST["model.overrides.d_ff"]
-    cfg.tokens_per_step = FAST["tokens_per_step"]
+    for key, value in FAST.items():
+        *parents, name = key.split(".")
+        node = cfg
+        for parent in parents:
+            node = node[parent]
+        node[name] = value
     cfg.update(changes)
     return cfg
 
