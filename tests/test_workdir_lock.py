@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from configs.tiny import get_config
 from tests.conftest import REPO
-from tests.test_train import losses, overrides, start
+from tests.test_train import losses, overrides, start, tiny_config
 from training import workdir_lock
 from training.average import average_checkpoints
 
@@ -86,5 +85,5 @@ def test_a_second_trainer_is_refused_and_the_first_finishes_untouched(tmp_path):
     assert steps == list(range(10, 81, 10))  # each step once: no second writer
     assert sorted(losses(tmp_path)) == steps
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["lr_scale"] == get_config().lr_scale != 0.5  # the first run's
+    assert saved["lr_scale"] == tiny_config().lr_scale != 0.5  # the first run's
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["40", "60", "80"]
