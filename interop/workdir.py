@@ -292,6 +292,12 @@ def _drop_closed_event_loop_noise() -> None:
 
     hook.drops_closed_event_loops = True
     sys.unraisablehook = hook
+    # The same reads, when their task is collected before the loop closes, are logged by
+    # asyncio as "Task exception was never retrieved" with a traceback: the error was retrieved,
+    # by Orbax's first failing read, which is what the user is told.
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not str(record.msg).startswith("Task exception was never retrieved")
+    )
 
 
 def _saved_architecture(workdir: Path) -> str | None:
