@@ -36,6 +36,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.test_train import FAST_FLAGS
+from tests.test_workdir_lock import hold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,15 +326,7 @@ def tokenizer_left_by_a_failed_start(case: Case) -> None:
 def hold_the_lock(workdir: Path) -> Callable[[], None]:
     """Starts a process that holds ``workdir``'s lock, as a training run does; returns what
     stops it."""
-    code = (
-        "import sys, time; from training import workdir_lock; "
-        f"lock = workdir_lock.acquire({str(workdir)!r}); print('held', flush=True); "
-        "time.sleep(600)"
-    )
-    holder = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True
-    )
-    assert holder.stdout.readline().strip() == "held"
+    holder = hold(workdir)
 
     def stop():
         holder.send_signal(signal.SIGKILL)
