@@ -26,7 +26,7 @@ import logging
 from absl import flags
 
 import cli
-from interop.common import ConversionError
+from interop.bundle import ConversionError
 from interop.registry import convert
 
 log = logging.getLogger("convert")

@@ -57,11 +57,12 @@ from decoding.beam_search import STOPPING
 from decoding.continuation import Continuer
 from decoding.scoring import score
 from decoding.translate import SearchConfig, Translator
-from interop.workdir import load, read_model_config
 from model import make_mesh
-from model.compilation import enable_compilation_cache, exported_dir
-from training import checkpoints
-from training.checkpoint_checks import CheckpointError
+from runtime.compilation_cache import enable_compilation_cache, exported_dir
+from workdirs import checkpoints
+from workdirs.checkpoint_errors import CheckpointError
+from workdirs.files import read_model_config
+from workdirs.restore import load
 
 log = logging.getLogger("decode")
 

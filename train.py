@@ -13,7 +13,7 @@ starts a new workdir from its parameters with a fresh optimizer (see training/re
 Every field of the config, with its meaning, is in configs/common.py; set any of them with
 --config.FIELD=VALUE (model fields: --config.model.overrides.FIELD=VALUE). All of them, the data
 files and the workdir are checked before anything is written there; a mistake is one ERROR line
-and exit status 1. A workdir is used by one run at a time (training/workdir_lock.py): a second
+and exit status 1. A workdir is used by one run at a time (workdirs/lock.py): a second
 one is refused, naming the first one's PID and host.
 
 Several hosts: start the same command on each with --coordinator_address=HOST:PORT
@@ -30,9 +30,11 @@ from ml_collections import config_flags
 
 import cli
 import data
-from model.compilation import enable_compilation_cache
-from model.host_memory import tune_host_allocator
-from training import checkpoints, loop, workdir_lock
+from runtime.compilation_cache import enable_compilation_cache
+from runtime.host_memory import tune_host_allocator
+from training import loop
+from workdirs import checkpoints
+from workdirs import lock as workdir_lock
 
 log = logging.getLogger("train")
 
@@ -78,7 +80,7 @@ def define_flags() -> None:
     flags.DEFINE_bool(
         "reuse_host_memory", True,
         "On CPU with glibc, keep XLA's freed buffers for reuse instead of faulting in fresh "
-        "pages every step (model/host_memory.py): faster steps, a higher peak RSS.",
+        "pages every step (runtime/host_memory.py): faster steps, a higher peak RSS.",
     )  # fmt: skip
 
 

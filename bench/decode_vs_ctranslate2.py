@@ -160,8 +160,9 @@ def _measure(args, tmp: Path) -> dict:
     from decoding.translate import SearchConfig, Translator
     from interop.ctranslate2 import export
     from interop.ctranslate2_run import translate
-    from interop.workdir import load, read_workdir
+    from interop.workdir_format import read_workdir
     from model import make_mesh
+    from workdirs.restore import load
 
     sources = read_lines(args.input)
     references = read_lines(args.reference) if args.reference else None

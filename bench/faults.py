@@ -283,7 +283,7 @@ def non_finite(trainer: Trainer, root: Path, results: list):
 
 def _finite_params(workdir: Path, step: int) -> bool:
     code = (
-        "import sys, jax, numpy as np; from training import checkpoints; "
+        "import sys, jax, numpy as np; from workdirs import checkpoints; "
         f"p, _ = checkpoints.load_params({str(workdir)!r}, {step}); "
         "sys.exit(0 if all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(p)) else 3)"
     )
@@ -313,7 +313,7 @@ def write_failure(trainer: Trainer, root: Path, reference: dict, results: list):
 
 def files_and_times(workdir: Path) -> list[tuple[str, int]]:
     """Every path under ``workdir`` with its modification time, but the lock file, which every
-    run that holds the workdir rewrites with its PID (training/workdir_lock.py)."""
+    run that holds the workdir rewrites with its PID (workdirs/lock.py)."""
     return sorted((str(p), p.stat().st_mtime_ns) for p in workdir.rglob("*") if p.name != ".lock")
 
 

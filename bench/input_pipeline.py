@@ -22,7 +22,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from data.eval_batches import padded_batches
+from data.bucketed_batches import padded_batches
 from data.pipeline import batch_stats, encode_pairs, rows_per_step, train_dataset
 from data.sources import ParallelText
 from data.tokenizer import Tokenizer, load_or_train

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import Transformer, TransformerConfig, make_mesh
-from model.host_memory import tune_host_allocator
-from training.hardware import REPORTED_CPU_FLAGS, cpu_info, resolve_dtype
+from runtime.hardware import REPORTED_CPU_FLAGS, cpu_info, resolve_dtype
+from runtime.host_memory import tune_host_allocator
 from training.state import OptimizerConfig, init_state, make_optimizer, state_shardings
 from training.step import make_train_step, train_flops_per_step
 
@@ -157,7 +157,7 @@ def main():
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument(
         "--default-allocator", action="store_true",
-        help="leave glibc malloc as it is instead of train.py's tuning (model/host_memory.py)",
+        help="leave glibc malloc as it is instead of train.py's tuning (runtime/host_memory.py)",
     )  # fmt: skip
     args = parser.parse_args()
 

@@ -16,7 +16,7 @@ def _model_overrides() -> ml_collections.ConfigDict:
     Declaring them all lets any model field be set from the command line, e.g.
     ``--config.model.overrides.dropout_rate=0.0``. ``dtype`` also takes ``"auto"``: bf16 compute
     where the hardware has bf16 matmul units (GPU, TPU, CPU with AMX or AVX512-BF16), float32
-    elsewhere, decided when the workdir starts (``training.hardware``).
+    elsewhere, decided when the workdir starts (``runtime.hardware``).
     """
     # model/config.py postpones annotations, so f.type is a string ("Norm" etc. are str values).
     types = {"int": int, "float": float, "bool": bool}

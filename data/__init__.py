@@ -10,7 +10,7 @@ Modules (each has one job):
   batch size from a token budget (`rows_per_step`, `packing_fill`) and packing efficiency
   (`batch_stats`).
 - `packing`: the epoch planner and grain dataset behind `train_dataset`.
-- `eval_batches`: padded, length-bucketed batches for evaluation and decoding
+- `bucketed_batches`: padded, length-bucketed batches for evaluation and decoding
   (`padded_batches`) and `restore_order`.
 - `bible`, `osis`: build the default English -> Spanish corpus; `tfds_source`: TFDS datasets.
 
@@ -47,8 +47,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from data.bucketed_batches import decoding_batches, padded_batches, restore_order
 from data.errors import DataError
-from data.eval_batches import decoding_batches, padded_batches, restore_order
 from data.sources import ParallelText, TSVPairs, open_split
 from data.tokenizer import Tokenizer, load_or_train, train_tokenizer
 

@@ -5,10 +5,10 @@ Modules (each has one job):
 - `beam_search`: `beam_search` with the GNMT length penalty, per-sentence length limits,
   early stopping and n-best output (the paper's decoder), and `length_penalty`.
 - `sampling`: `greedy_search` and `sample` (temperature, top-k, top-p).
-- `model_fns`: `cached_decoder` / `uncached_decoder`, which turn a `Transformer`, its variables
-  and a source batch into ``(tokens_to_logits, initial cache)``, and `lm_decoder`, the same
-  for a `DecoderOnlyLM` and a batch of prompts.
-- `common`: the cache contract and the length limits shared by the searches.
+- `tokens_to_logits`: `cached_decoder` / `uncached_decoder`, which turn a `Transformer`, its
+  variables and a source batch into ``(tokens_to_logits, initial cache)``, and `lm_decoder`, the
+  same for a `DecoderOnlyLM` and a batch of prompts.
+- `cache`: the cache contract and the length limits shared by the searches.
 - `translate`: `Translator`, sentences in and translations out (batching, detokenization), and
   `SearchConfig`, the search settings and their defaults.
 - `scoring`: `score`, corpus BLEU and chrF with sacreBLEU.
@@ -17,7 +17,7 @@ The searches see the model only through ``tokens_to_logits(ids [B, 1] int32, cac
 (logits [B, V] float32, cache)`` and a cache pytree whose non-scalar leaves have the batch as
 their leading dimension (beam search tiles and reorders those per beam; 0-d leaves such as a
 step index are shared; ``PerSentence`` entries stay one per sentence; ``Positions`` entries
-grow with the steps: see `common`). They are ``lax.while_loop``s, jit-compatible with the
+grow with the steps: see `cache`). They are ``lax.while_loop``s, jit-compatible with the
 sizes static:
 
     @functools.partial(jax.jit, static_argnames="cache_length")
@@ -29,9 +29,9 @@ sizes static:
 """
 
 from decoding.beam_search import beam_search, length_penalty
-from decoding.common import PerSentence, Positions
-from decoding.model_fns import cached_decoder, lm_decoder, uncached_decoder
+from decoding.cache import PerSentence, Positions
 from decoding.sampling import greedy_search, sample, top_k_filter, top_p_filter
+from decoding.tokens_to_logits import cached_decoder, lm_decoder, uncached_decoder
 
 __all__ = [
     "PerSentence",

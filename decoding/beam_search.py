@@ -36,7 +36,7 @@ hypotheses among those with ``n <= max_lengths[b]``:
   model, identical outputs).
 
 The loop is a ``lax.while_loop`` (in phases that grow the cache's ``Positions`` entries:
-``decoding.common.while_growing``); the cache's per-row entries are tiled per beam and
+``decoding.cache.while_growing``); the cache's per-row entries are tiled per beam and
 reordered by parent beam each step (per-sentence entries and ``Slots`` are left alone: the
 Transformer reorders only a small table of which beam holds each step of a hypothesis's
 history), so the search knows nothing of the model behind ``tokens_to_logits``.
@@ -47,7 +47,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from decoding.common import (
+from decoding.cache import (
     NEG_INF,
     Cache,
     TokensToLogits,
@@ -89,7 +89,7 @@ def beam_search(
       tokens_to_logits: ``(ids [R, 1] int32, cache) -> (logits [R, V], cache)``, R = B * W;
         row ``b * W + j`` is beam j of sentence b.
       cache: the initial cache for B sentences (per-row entries have B leading rows); they are
-        tiled to R = B * W rows here (see ``decoding.common`` for the entries left per sentence).
+        tiled to R = B * W rows here (see ``decoding.cache`` for the entries left per sentence).
       batch_size: B.
       beam_size: W, static.
       alpha: the length penalty exponent (0: plain log-probability).

@@ -19,7 +19,7 @@ import numpy as np
 
 from data import Tokenizer
 from decoding.exported import ExportedCache, dispatch
-from decoding.model_fns import for_decoding, lm_decoder
+from decoding.tokens_to_logits import for_decoding, lm_decoder
 from decoding.translate import SearchConfig
 from model import DecoderOnlyLM, use_mesh
 

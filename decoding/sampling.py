@@ -15,7 +15,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from decoding.common import (
+from decoding.cache import (
     PAD_ID,
     Cache,
     TokensToLogits,

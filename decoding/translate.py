@@ -26,8 +26,8 @@ from jax.sharding import Mesh
 from data import Tokenizer, decoding_batches, restore_order
 from decoding.beam_search import STOPPING, beam_search
 from decoding.exported import ExportedCache, dispatch
-from decoding.model_fns import cached_decoder, for_decoding
 from decoding.sampling import greedy_search, sample
+from decoding.tokens_to_logits import cached_decoder, for_decoding
 from model import Transformer, use_mesh
 from model.sharding import place_batch
 
@@ -157,7 +157,7 @@ class Translator:
       tokens_per_batch: source-token budget per batch (rows x width); None:
         ``default_tokens_per_batch()``.
       dtype: the compute dtype to decode in; "auto": the model's on accelerators and CPUs
-        with AMX, float32 on other CPUs (``decoding.model_fns.for_decoding``). ``self.model``
+        with AMX, float32 on other CPUs (``decoding.tokens_to_logits.for_decoding``). ``self.model``
         is the model that decodes.
       exported: optional directory of traced searches (``decoding.exported``): a batch shape
         searched once, by any run, is not traced again. Used when the mesh (or, without one,

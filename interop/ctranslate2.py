@@ -1,6 +1,6 @@
 """Export to CTranslate2: a model directory CTranslate2's ``Translator`` loads.
 
-    bundle = interop.workdir.read_workdir("runs/default")
+    bundle = interop.workdir_format.read_workdir("runs/default")
     interop.ctranslate2.export(bundle, "runs/default-ct2", quantization="int8")
 
 Translating with the export as ``decode.py`` does is ``interop.ctranslate2_run``'s job.
@@ -48,7 +48,7 @@ from ctranslate2.converters import Converter
 from ctranslate2.specs import common_spec, transformer_spec
 from ctranslate2.specs.model_spec import ACCEPTED_MODEL_TYPES, visit_spec
 
-from interop.common import ConversionError, TransformerBundle, check_new_output, staged_directory
+from interop.bundle import ConversionError, TransformerBundle, check_new_output, staged_directory
 
 log = logging.getLogger("interop")
 

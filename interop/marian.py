@@ -44,7 +44,7 @@ import numpy as np
 
 from data.errors import DataError
 from data.marian_tokenizer import MarianTokenizer, project_to_marian
-from interop.common import ConversionError, TransformerBundle
+from interop.bundle import ConversionError, TransformerBundle
 
 log = logging.getLogger("interop")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from data.marian_tokenizer import MarianTokenizer, marian_to_project
-from interop.common import (
+from interop.bundle import (
     ConversionError,
     TransformerBundle,
     check_new_output,

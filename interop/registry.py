@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from interop.common import ConversionError, TransformerBundle
+from interop.bundle import ConversionError, TransformerBundle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,18 +53,16 @@ def _ctranslate2():
 
 
 def _read_workdir(path: str, checkpoint: str | None = None) -> TransformerBundle:
-    from interop.workdir import read_workdir
+    from interop.workdir_format import read_workdir
 
     return read_workdir(path, checkpoint)
 
 
 def _workdir_architecture(path: str) -> str | None:
     """A workdir's architecture from its ``model_config.json`` (no model is built)."""
-    try:
-        saved = json.loads((Path(path) / "model_config.json").read_text())
-    except (OSError, ValueError):
-        return None  # read_workdir names what is missing or broken
-    return saved.get("architecture", "encoder_decoder") if isinstance(saved, dict) else None
+    from workdirs.files import saved_model_field
+
+    return saved_model_field(path, "architecture")  # None: read_workdir names what is wrong
 
 
 def _marian(module: str = "marian"):
@@ -79,9 +76,9 @@ def _marian(module: str = "marian"):
 
 
 def _workdir():
-    from interop import workdir
+    from interop import workdir_format
 
-    return workdir
+    return workdir_format
 
 
 READERS: dict[str, Reader] = {

@@ -100,8 +100,8 @@ def tiny_workdir(tiny_corpus, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_workdir):
-    """``interop.workdir.load(tiny_workdir)``: (model, params, tokenizer)."""
-    from interop.workdir import load
+    """``workdirs.restore.load(tiny_workdir)``: (model, params, tokenizer)."""
+    from workdirs.restore import load
 
     return load(tiny_workdir)
 
@@ -113,7 +113,7 @@ def two_checkpoint_workdir(tiny_workdir, tmp_path_factory) -> Path:
     newest. Tests copy it before changing it."""
     import training.loop
     from tests.test_train import QUIET, tiny_config
-    from training import checkpoints
+    from workdirs import checkpoints
 
     path = tmp_path_factory.mktemp("two_checkpoints") / "W"
     shutil.copytree(tiny_workdir, path)

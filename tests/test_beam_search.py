@@ -16,7 +16,7 @@ import pytest
 
 from decoding import beam_search, greedy_search
 from decoding.beam_search import STOPPING, blocked_top_k
-from decoding.common import NEG_INF, Positions, Slots, reorder, resize, select, tile, while_growing
+from decoding.cache import NEG_INF, Positions, Slots, reorder, resize, select, tile, while_growing
 
 PAD, EOS, BOS = 0, 1, 2
 

@@ -64,7 +64,7 @@ def test_the_ctranslate2_worker_reads_a_workdir_from_before_the_max_len_rename(
     tmp_path, compute_type
 ):
     from interop.ctranslate2 import export
-    from interop.workdir import read_workdir
+    from interop.workdir_format import read_workdir
 
     assert "max_len" in json.loads((LEGACY / "model_config.json").read_text())
     model = export(read_workdir(LEGACY, "latest"), tmp_path / "ct2")

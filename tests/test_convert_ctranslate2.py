@@ -18,7 +18,7 @@ from data.tokenizer import EOS_ID  # noqa: E402
 from decoding.translate import SearchConfig, Translator  # noqa: E402
 from interop import ConversionError, TransformerBundle, ctranslate2_run, registry  # noqa: E402
 from interop import ctranslate2 as ct2_export  # noqa: E402
-from interop.workdir import read_workdir  # noqa: E402
+from interop.workdir_format import read_workdir  # noqa: E402
 from model import Transformer, TransformerConfig, shift_right  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 

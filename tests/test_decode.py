@@ -16,8 +16,8 @@ import pytest
 import decode
 from data import DataError, train_tokenizer
 from decoding.translate import SearchConfig, Translator
-from interop.workdir import load
 from tests.conftest import REPO
+from workdirs.restore import load
 
 
 def test_every_input_line_gets_one_output_line_in_order(tiny_loaded, tmp_path):
@@ -241,7 +241,7 @@ def _files(root):
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_readable_one(
     two_checkpoint_workdir, tmp_path, caplog
 ):
-    from training.checkpoint_checks import CheckpointReadError
+    from workdirs.checkpoint_errors import CheckpointReadError
 
     work = tmp_path / "W"
     shutil.copytree(two_checkpoint_workdir, work)

@@ -26,8 +26,8 @@ TOKENS = 96  # several batch shapes
 def one_device(tiny_workdir):
     """The tiny model loaded on one device, and that device's mesh (exports are single-device
     programs; the suite's other tests use all 8 simulated devices)."""
-    from interop.workdir import load
     from model import make_mesh
+    from workdirs.restore import load
 
     mesh = make_mesh(devices=jax.devices()[:1])
     model, params, tokenizer = load(tiny_workdir, mesh=mesh)

@@ -46,7 +46,7 @@ def _mlm(**overrides):
 def test_checkpoint_from_before_the_refactor_loads_with_the_same_logits():
     """A workdir trained by the code before the model package was split into blocks (2 steps,
     configs/tiny.py) loads into today's Transformer and gives the logits it gave then."""
-    from interop.workdir import load
+    from workdirs.restore import load
 
     model, params, _ = load(FIXTURES / "legacy_workdir")
     assert isinstance(model, Transformer)

@@ -12,8 +12,8 @@ from configs.lm_tiny import get_config as lm_config
 from configs.mlm_tiny import get_config as mlm_config
 from decoding.continuation import Continuer
 from decoding.translate import SearchConfig
-from interop.workdir import load
 from tests.conftest import REPO
+from workdirs.restore import load
 
 
 def _rows(workdir):

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import training.loop
+from runtime import hardware
 from tests.test_train import QUIET, tiny_config
-from training import hardware
+from training import resume
 from training.state import model_config
 
 
@@ -110,18 +111,22 @@ def test_cpu_info_reads_model_name_and_flags(tmp_path):
 def test_auto_keeps_the_dtype_an_existing_workdir_was_started_with(tmp_path, monkeypatch):
     # This "machine" has bf16 units; the workdir was started on one without.
     monkeypatch.setattr(hardware, "resolve_dtype", machine_choosing("bfloat16"))
-    assert hardware.resolve_workdir_dtype("auto", tmp_path)[0] == "bfloat16"  # a new workdir
+    cfg = tiny_config()
+    cfg.model.overrides.dtype = "auto"
+    assert resume.resolve_config(cfg, tmp_path).model.overrides.dtype == "bfloat16"  # a new one
     (tmp_path / "model_config.json").write_text(json.dumps({"d_model": 32, "dtype": "float32"}))
-    dtype, reason = hardware.resolve_workdir_dtype("auto", tmp_path)
+    assert resume.resolve_config(cfg, tmp_path).model.overrides.dtype == "float32"
+    dtype, reason = hardware.resolve_workdir_dtype("auto", saved="float32")
     assert dtype == "float32" and "keeping its dtype float32" in reason
     # An explicit dtype is the user's choice (check_model_config then refuses a mismatch).
-    assert hardware.resolve_workdir_dtype("float16", tmp_path)[0] == "float16"
+    cfg.model.overrides.dtype = "float16"
+    assert resume.resolve_config(cfg, tmp_path).model.overrides.dtype == "float16"
 
 
 def test_resolve_config_copies_and_model_config_takes_auto():
     cfg = tiny_config()
     cfg.model.overrides.dtype = "auto"
-    resolved = hardware.resolve_config(cfg)
+    resolved = resume.resolve_config(cfg)
     expected, _ = hardware.resolve_dtype("auto")
     assert resolved.model.overrides.dtype == expected
     assert cfg.model.overrides.dtype == "auto"  # the caller's config is left as it was

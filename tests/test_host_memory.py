@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jax
 
-from model import host_memory
+from runtime import host_memory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import resource, sys
 import jax, jax.numpy as jnp
-from model.host_memory import tune_host_allocator
+from runtime.host_memory import tune_host_allocator
 applied = tune_host_allocator() if sys.argv[1] == "tuned" else False
 f = jax.jit(lambda a, b: jnp.sum(jnp.sin(a @ b), axis=0))
 a, b = jnp.ones((4096, 64)), jnp.ones((64, 4096))

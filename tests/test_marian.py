@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from data.marian_tokenizer import MarianTokenizer, project_to_marian  # noqa: E402
 from decoding.translate import SearchConfig, Translator  # noqa: E402
 from interop import marian, marian_export  # noqa: E402
-from interop.workdir import read_workdir  # noqa: E402
+from interop.workdir_format import read_workdir  # noqa: E402
 from model import Transformer  # noqa: E402
 from tests import marian_fixture  # noqa: E402
 from tests import test_convert_ctranslate2 as convert_ct2_tests  # noqa: E402

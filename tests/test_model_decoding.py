@@ -92,7 +92,7 @@ def test_beam_search_is_the_same_with_and_without_cache(outputs):
 
 
 def test_long_outputs_across_cache_phases_are_the_same_with_and_without_cache(setup):
-    """A cache of 80 positions grows in phases of 32, 64 and 80 (``decoding.common``); a random
+    """A cache of 80 positions grows in phases of 32, 64 and 80 (``decoding.cache``); a random
     model rarely stops, so its outputs run through all three."""
     model, variables, src = setup
     length, limits = 80, jnp.array([80, 70, 40, 20])

@@ -1,4 +1,4 @@
-"""Tests for data.pipeline / data.packing (training batches) and data.eval_batches."""
+"""Tests for data.pipeline / data.packing (training batches) and data.bucketed_batches."""
 
 import logging
 import random
@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from data.bucketed_batches import default_buckets, padded_batches, restore_order
 from data.errors import DataError
-from data.eval_batches import default_buckets, padded_batches, restore_order
 from data.pipeline import batch_stats, encode_pairs, packing_fill, rows_per_step, train_dataset
 from data.sources import ParallelText
 from data.tokenizer import train_tokenizer
@@ -246,7 +246,7 @@ def test_padded_batches_lose_and_reorder_nothing(tok, caplog):
     sources[7] = "ka lo mi " * 40  # Far over row_length.
     targets = sources[::-1]
     row_length, budget = 48, 200
-    with caplog.at_level(logging.WARNING, logger="data.eval_batches"):
+    with caplog.at_level(logging.WARNING, logger="data.bucketed_batches"):
         batches = padded_batches(
             sources,
             tok,
@@ -292,7 +292,7 @@ def test_padded_batches_lose_and_reorder_nothing(tok, caplog):
 def test_padded_batches_can_leave_out_over_long_pairs_as_training_does(tok, caplog):
     sources = ["ka lo.", "mi " * 40, "ne su.", "ta ri po.", "de fa."]
     targets = ["de.", "fa gu.", "ve la " * 40, "so ni.", "ka."]
-    with caplog.at_level(logging.WARNING, logger="data.eval_batches"):
+    with caplog.at_level(logging.WARNING, logger="data.bucketed_batches"):
         batches = padded_batches(
             sources, tok, max_tokens=16, tokens_per_batch=64, targets=targets, overlong="filter"
         )

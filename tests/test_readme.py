@@ -25,7 +25,7 @@ def test_every_python_example_runs_as_written(tiny_workdir, tmp_path):
     """The README's Python blocks run top to bottom in one namespace, as a reader pastes them,
     with its workdir paths pointing at a trained tiny workdir and a CTranslate2 export of it."""
     from interop.registry import convert
-    from interop.workdir import read_model_config
+    from workdirs.files import read_model_config
 
     ct2 = tmp_path / "ct2"
     convert(f"workdir:{tiny_workdir}", f"ctranslate2:{ct2}")

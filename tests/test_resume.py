@@ -20,8 +20,8 @@ from bench.fault_injection import fail_checkpoint_writes
 from model import Transformer, TransformerConfig, make_mesh
 from tests.conftest import REPO
 from tests.test_train import FAST_FLAGS, losses, tiny_config
-from training import checkpoint_checks, checkpoints
 from training.state import OptimizerConfig, make_optimizer, state_shardings
+from workdirs import checkpoint_errors, checkpoints
 
 # Regular checkpoints at 2 and 4, a best one at 3 (greedy BLEU on 4 dev sentences).
 SETTINGS = dict(
@@ -45,7 +45,7 @@ def workdir(trained, tmp_path) -> Path:
 
 def snapshot(path: Path) -> dict[str, tuple[int, int]]:
     """Every file under ``path`` with its size and modification time, but the workdir's lock
-    file: every run that holds the workdir writes its PID there (training/workdir_lock.py)."""
+    file: every run that holds the workdir writes its PID there (workdirs/lock.py)."""
     return {
         str(f.relative_to(path)): (f.stat().st_size, f.stat().st_mtime_ns)
         for f in sorted(path.rglob("*"))
@@ -172,7 +172,7 @@ def test_transient_read_errors_are_retried_then_fail_loudly(workdir, monkeypatch
     assert int(state.step) == 4 and "retrying" in caplog.text
 
     before, failures, calls = snapshot(workdir), 100, []
-    with pytest.raises(checkpoint_checks.CheckpointReadError, match="in 3 tries .*nothing was"):
+    with pytest.raises(checkpoint_errors.CheckpointReadError, match="in 3 tries .*nothing was"):
         checkpoints.restore_latest(checkpoints.manager(workdir), abstract)
     assert calls == [4, 4, 4] and snapshot(workdir) == before
 
@@ -183,7 +183,7 @@ def test_an_unknown_read_error_moves_nothing(workdir, monkeypatch):
 
     monkeypatch.setattr(ocp.CheckpointManager, "restore", broken)
     before = snapshot(workdir)
-    with pytest.raises(checkpoint_checks.CheckpointReadError, match="not one that damaged"):
+    with pytest.raises(checkpoint_errors.CheckpointReadError, match="not one that damaged"):
         checkpoints.restore_latest(checkpoints.manager(workdir), abstract_state(workdir))
     assert snapshot(workdir) == before
 
@@ -219,7 +219,7 @@ def test_a_damaged_checkpoint_is_set_aside_for_the_previous_one(workdir, damage,
 
 
 def test_classify_tells_transient_from_damaged_from_unknown():
-    classify = checkpoint_checks.classify
+    classify = checkpoint_errors.classify
     assert classify(OSError(errno.EIO, "Input/output error")) == "transient"
     assert classify(ValueError("UNAVAILABLE: Error reading local file")) == "transient"
     assert classify(json.JSONDecodeError("Expecting value", "", 0)) == "damaged"

@@ -21,7 +21,6 @@ import training.step
 from configs.tiny import get_config
 from model import Transformer, TransformerConfig, build_model, make_mesh, use_mesh
 from tests.conftest import REPO
-from training import checkpoints
 from training.average import average_checkpoints
 from training.state import (
     OptimizerConfig,
@@ -31,6 +30,7 @@ from training.state import (
     state_shardings,
 )
 from training.step import jit_train_step, make_train_step, token_losses, train_batch_sharding
+from workdirs import checkpoints
 
 
 def optimizer_config(**changes) -> OptimizerConfig:

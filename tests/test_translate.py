@@ -113,8 +113,8 @@ def test_sampling_keys_differ_across_chunks(tiny_loaded):
 
 
 def test_a_checkpoint_loads_on_another_number_of_devices(tiny_workdir, tiny_loaded):
-    from interop.workdir import load
     from model import make_mesh
+    from workdirs.restore import load
 
     model, params, tokenizer = tiny_loaded  # trained and loaded on all 8 simulated devices
     greedy = SearchConfig(method="greedy")
@@ -132,7 +132,7 @@ def test_a_checkpoint_loads_on_another_number_of_devices(tiny_workdir, tiny_load
 
 @pytest.mark.parametrize("amx", [False, True])
 def test_a_bf16_model_decodes_in_bf16_on_cpu_only_with_amx(tiny_loaded, monkeypatch, amx):
-    from training import hardware
+    from runtime import hardware
 
     flags = {"avx512f", "avx512_bf16"} | ({"amx_bf16", "amx_tile"} if amx else set())
     monkeypatch.setattr(hardware, "cpu_info", lambda: ("a test CPU", frozenset(flags)))

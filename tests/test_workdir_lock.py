@@ -1,4 +1,4 @@
-"""One process at a time in a workdir (training/workdir_lock.py): a second trainer is refused
+"""One process at a time in a workdir (workdirs/lock.py): a second trainer is refused
 naming the first, which finishes untouched; a killed holder leaves no stale lock; averaging
 checkpoints takes the same lock."""
 
@@ -15,14 +15,14 @@ import pytest
 
 from tests.conftest import REPO
 from tests.test_train import losses, overrides, start, tiny_config
-from training import workdir_lock
 from training.average import average_checkpoints
+from workdirs import lock as workdir_lock
 
 
 def hold(workdir: Path) -> subprocess.Popen:
     """A process that holds ``workdir``'s lock until killed."""
     code = (
-        "import time; from training import workdir_lock; "
+        "import time; from workdirs import lock as workdir_lock; "
         f"lock = workdir_lock.acquire({str(workdir)!r}); print('held', flush=True); "
         "time.sleep(600)"
     )

@@ -5,7 +5,7 @@
 The paper averages the last 5 checkpoints (written every 10 minutes) for base models and the
 last 20 for big ones. The result is written to ``WORKDIR/averaged/<newest step>`` and decodes
 like any other checkpoint: ``python decode.py --workdir=DIR --checkpoint=averaged ...``. It holds
-the workdir's lock while it works (``training.workdir_lock``), so it is refused while a run
+the workdir's lock while it works (``workdirs.lock``), so it is refused while a run
 trains there (whose checkpoints it reads, and which deletes old ones).
 """
 
@@ -20,7 +20,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from training import checkpoints, workdir_lock
+from workdirs import checkpoints
+from workdirs import lock as workdir_lock
 
 log = logging.getLogger("average")
 

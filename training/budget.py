@@ -46,7 +46,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from training.loop_tools import Window
+from training.metrics import Window
 
 log = logging.getLogger("train")
 
@@ -261,7 +261,7 @@ class SpeedProbe(Window):
     """Times each step after the compiling one, without paused time; the speed is the median.
 
     ``add`` is called once a step has run. The median, not the mean: with the host allocator
-    keeping its memory (``model.host_memory``), a few of the first steps stall (one took 1.0 s
+    keeping its memory (``runtime.host_memory``), a few of the first steps stall (one took 1.0 s
     against 0.31 s in the probe model's first 40 steps), which made the mean of 20 steps 1.45x
     the steady step, and a 25-minute budget trained for 16.9 minutes (the default config, 2-core
     Intel Xeon with AMX).

@@ -1,7 +1,7 @@
 """Every check ``train.py`` makes before it writes anything, so that bad input leaves no trace.
 
 ``training.loop.train_and_evaluate`` runs them in this order, all before the workdir is created
-or locked (``training.workdir_lock``) and before the tokenizer is trained:
+or locked (``workdirs.lock``) and before the tokenizer is trained:
 
 - ``check_config``: each field on its own (types and ranges, ``train_minutes`` included); the
   first thing a run does, in microseconds.
@@ -31,10 +31,11 @@ import ml_collections
 
 import data
 from data.tokenizer import PAD_ID, UNK_ID, trained_vocab_size
-from interop import workdir as workdirs
 from model import TransformerConfig
-from training import checkpoints, resume
+from training import resume
 from training.state import model_config
+from workdirs import checkpoints
+from workdirs import files as workdir_files
 
 # The tokenizer's reserved ids (pad, eos, bos, unk) and at least a dozen pieces of text.
 MIN_VOCAB_SIZE = max(PAD_ID, UNK_ID) + 1 + 12
@@ -123,7 +124,7 @@ def check_start(config: ml_collections.ConfigDict, workdir: Path) -> Start:
         source, which = resume.parse_init_from(config.init_from, workdir)
         fine_tune = not resume.has_checkpoints(workdir)
         if fine_tune:
-            workdirs.check_tokenizer_copy(source, workdir)
+            workdir_files.check_tokenizer_copy(source, workdir)
             checkpoints.resolve(source, which)  # the checkpoint exists
     vocab_size = _tokenizer_size(config, workdir, source if fine_tune else None)
     if config.model.preset == "init_from":
@@ -140,7 +141,7 @@ def check_start(config: ml_collections.ConfigDict, workdir: Path) -> Start:
             f"config.row_length={config.row_length} exceeds the model's max_positions="
             f"{model_cfg.max_positions}"
         )
-    workdirs.check_model_config(workdir, model_cfg)
+    workdir_files.check_model_config(workdir, model_cfg)
     if fine_tune:
         resume.check_same_model(source, model_cfg)
     train_pairs = data.open_split(config.data, "train")
@@ -178,12 +179,12 @@ def _tokenizer_size(config, workdir: Path, source: Path | None) -> int:
     """The size of the tokenizer the run will use: the workdir's, the one ``init_from``
     copies, or ``config.vocab_size`` for one trained at the start. A ``tokenizer.model``
     trained in this workdir with another ``vocab_size`` than the config's is refused."""
-    if workdirs.workdir_tokenizer_files(workdir):
+    if workdir_files.workdir_tokenizer_files(workdir):
         if not (config.get("init_from") or _fine_tuned(workdir)):
             _check_trained_size(workdir / "tokenizer.model", config.vocab_size, workdir)
-        return workdirs.workdir_tokenizer(workdir).vocab_size
+        return workdir_files.workdir_tokenizer(workdir).vocab_size
     if source is not None:
-        return workdirs.workdir_tokenizer(source).vocab_size
+        return workdir_files.workdir_tokenizer(source).vocab_size
     return config.vocab_size
 
 
@@ -191,7 +192,7 @@ def _fine_tuned(workdir: Path) -> bool:
     """Whether the workdir's saved config started it from another workdir (so its tokenizer
     is that one's, whatever vocab_size the config says)."""
     try:
-        saved = json.loads((workdir / workdirs.CONFIG).read_text())
+        saved = json.loads((workdir / workdir_files.CONFIG).read_text())
     except (OSError, ValueError):
         return False
     return bool(isinstance(saved, dict) and saved.get("init_from"))
@@ -203,7 +204,7 @@ def _check_trained_size(path: Path, vocab_size: int, workdir: Path) -> None:
     trained = trained_vocab_size(path)
     if trained == vocab_size:
         return
-    if (workdir / workdirs.MODEL_CONFIG).exists():  # a trained workdir: its model is that size
+    if (workdir / workdir_files.MODEL_CONFIG).exists():  # a trained workdir: its model is that size
         fix = f"resume it with --config.vocab_size={trained}, or use a new --workdir"
     else:  # left by a start that failed later
         fix = (

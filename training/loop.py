@@ -2,7 +2,7 @@
 
 `train_and_evaluate` is what ``python train.py`` runs (and what tests and the notebook call):
 `training.config_checks` refuses whatever cannot run before anything is written, the workdir is
-created and locked (`training.workdir_lock`), `training.setup` builds the run, `_loop` trains
+created and locked (`workdirs.lock`), `training.setup` builds the run, `_loop` trains
 it, and whatever stops the loop, the last checkpoint is made durable before returning or
 raising.
 """
@@ -23,12 +23,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from interop.workdir import config_dict
 from model import use_mesh
-from training import budget, checkpoints, config_checks, hardware, workdir_lock
-from training.loop_tools import StopSignal, Window
+from training import budget, config_checks, resume
+from training.metrics import Window
 from training.setup import Run, setup
 from training.step import train_batch_sharding
+from training.stop_signal import StopSignal
+from workdirs import checkpoints
+from workdirs import lock as workdir_lock
+from workdirs.files import config_dict
 
 log = logging.getLogger("train")
 
@@ -60,7 +63,7 @@ def train_and_evaluate(
     wall = time.monotonic()
     workdir = Path(workdir)
     config_checks.check_config(config)  # each field, before anything else
-    config = hardware.resolve_config(config, workdir)  # dtype=auto -> this machine's choice
+    config = resume.resolve_config(config, workdir)  # dtype=auto -> this machine's choice
     # Everything else that can refuse the run, before a byte is written to the workdir.
     start = config_checks.check_start(config, workdir)
     with workdir_lock.hold_for_run(workdir):  # one process at a time in a workdir

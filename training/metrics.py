@@ -8,6 +8,7 @@ Only process 0 writes. Every row of ``metrics.jsonl`` is one JSON object with ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -91,3 +92,32 @@ class Stopwatch:
 
     def __call__(self) -> float:
         return time.monotonic() - self._start
+
+
+class Window:
+    """Training tokens, steps and seconds since the last log line, minus paused time."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> float:
+        """Starts a new window; returns the seconds the old one lasted."""
+        now = time.monotonic()
+        seconds = now - getattr(self, "start", now)
+        self.start, self.tokens, self.steps = now, 0, 0
+        return seconds
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+        self.steps += 1
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.start += time.monotonic() - start

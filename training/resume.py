@@ -13,6 +13,7 @@ leaves the workdir's checkpoints and configuration files as they were.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -20,10 +21,11 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from interop.workdir import config_dict, model_config_diff
 from model import TransformerConfig
-from training import checkpoints
+from runtime import hardware
 from training.state import TrainState, init_state
+from workdirs import checkpoints
+from workdirs.files import MODEL_CONFIG, config_dict, model_config_diff, saved_model_field
 
 log = logging.getLogger("train")
 
@@ -38,7 +40,7 @@ def parse_init_from(init_from: str, workdir: Path) -> tuple[Path, str | int]:
       ValueError: another form, or the run's own workdir.
     """
     path = Path(init_from).expanduser()
-    if (path / "model_config.json").exists():
+    if (path / MODEL_CONFIG).exists():
         source, which = path, "latest"
     elif path.name in ("best", "averaged"):
         source, which = path.parent, path.name
@@ -74,7 +76,7 @@ def source_model_config(
     overrides of the fields fine-tuning may change (dropout, compute dtype)."""
     if source is None:
         raise ValueError("config.model.preset='init_from' needs config.init_from=WORKDIR")
-    path = source / "model_config.json"
+    path = source / MODEL_CONFIG
     if not path.exists():
         raise FileNotFoundError(f"config.init_from: missing {path}")
     values = json.loads(path.read_text())
@@ -91,7 +93,7 @@ def source_model_config(
 def check_same_model(source: Path, model_cfg: TransformerConfig) -> None:
     """Refuses an ``init_from`` source whose model differs from ``model_cfg`` (but for the
     fields fine-tuning may change)."""
-    path = source / "model_config.json"
+    path = source / MODEL_CONFIG
     if not path.exists():
         raise FileNotFoundError(f"config.init_from: missing {path}")
     diff = {k: v for k, v in model_config_diff(path, model_cfg).items() if k not in _TRAINING_ONLY}
@@ -136,3 +138,23 @@ def start_state(
     step0 = jax.device_put(jax.numpy.zeros((), jax.numpy.int32), shardings.step)
     log.info("fine-tuning: parameters of %s/%s/%d, a fresh optimizer, step 0", source, kind, step)
     return TrainState(step=step0, params=params, opt_state=opt_state), None, {}
+
+
+def resolve_config(config, workdir: str | Path | None = None):
+    """A copy of ``config`` with ``model.overrides.dtype`` resolved (``"auto"`` replaced by this
+    machine's choice, or by the dtype ``WORKDIR/model_config.json`` was started with), logged.
+
+    The copy is what the run uses and writes (``config.json``, checkpoint metadata), so a resumed
+    run compares like with like; the caller's config is left as it was.
+    """
+    requested = config.model.overrides.get("dtype")
+    if requested is None:  # the preset's dtype
+        return config
+    saved = saved_model_field(workdir, "dtype") if workdir is not None else None
+    dtype, reason = hardware.resolve_workdir_dtype(requested, saved)
+    log.info("compute dtype %s (%s)", dtype, reason)
+    if dtype == requested:
+        return config
+    resolved = copy.deepcopy(config)
+    resolved.model.overrides.dtype = dtype
+    return resolved

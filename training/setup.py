@@ -4,7 +4,7 @@
 compiled steps, and resumes (or starts) the training state from the workdir; the loop itself
 (`training.loop`) only consumes what it built. Everything that can refuse a run was checked
 before (`training.config_checks`, which also opened the data), and the caller holds the
-workdir's lock (`training.workdir_lock`).
+workdir's lock (`workdirs.lock`).
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import data
-from interop import workdir as workdirs
-from model import make_mesh
-from training import budget, checkpoints, config_checks, evaluation, resume
+from model import build_model, make_mesh
+from training import budget, config_checks, evaluation, resume
 from training.metrics import MetricsWriter, Stopwatch
 from training.state import OptimizerConfig, make_optimizer, state_shardings
 from training.step import jit_train_step, make_eval_step, train_flops_per_step
+from workdirs import checkpoints
+from workdirs import files as workdir_files
 
 # Below any dev BLEU and any minus-NLL: the first evaluation always makes a best checkpoint.
 NO_SCORE = -1.0e30
@@ -66,21 +67,21 @@ def setup(config: ml_collections.ConfigDict, workdir: Path, start: config_checks
     train_pairs, dev_pairs = start.train_pairs, start.dev_pairs
     if start.fine_tune:
         # Fine-tuning: parameters only make sense with the tokenizer they were trained with.
-        workdirs.copy_tokenizer(start.source, workdir)
+        workdir_files.copy_tokenizer(start.source, workdir)
     # One process trains it; the others load the same file.
-    if jax.process_index() == 0 and not workdirs.workdir_tokenizer_files(workdir):
+    if jax.process_index() == 0 and not workdir_files.workdir_tokenizer_files(workdir):
         data.train_tokenizer(
             train_pairs, workdir / "tokenizer.model", vocab_size=config.vocab_size, seed=config.seed
         )
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("tokenizer written")
-    tokenizer = workdirs.workdir_tokenizer(workdir)
+    tokenizer = workdir_files.workdir_tokenizer(workdir)
     if tokenizer.vocab_size != start.vocab_size:  # SentencePiece makes exactly vocab_size pieces
         raise data.DataError(
             f"{workdir}'s tokenizer has {tokenizer.vocab_size} pieces, expected {start.vocab_size}"
         )
     model_cfg = start.model_cfg
-    model = workdirs.build_model(model_cfg)
+    model = build_model(model_cfg)
 
     mesh = make_mesh(**config.mesh)
     rows, batch = _batch_layout(config, train_pairs, tokenizer, mesh)
@@ -108,7 +109,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path, start: config_checks
         iterator.set_state(data_state)
     plan, measure = budget.start_plan(config, meta)
     log.info("model: %s parameters", f"{_count(state.params):,}")
-    workdirs.write_configs(workdir, config, model_cfg)
+    workdir_files.write_configs(workdir, config, model_cfg)
     # A run stopped right after a new best checkpoint has not yet recorded its BLEU elsewhere.
     saved = meta.get("best_score", meta.get("best_bleu", NO_SCORE))
     best_score = max(saved, checkpoints.best_score(best_mngr) or NO_SCORE)

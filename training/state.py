@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from model import Transformer, TransformerConfig, init_inputs
 from model.encoder_only import model_vocab_size
 from model.sharding import LOGICAL_RULES
-from training.hardware import resolve_dtype
+from runtime.hardware import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class TrainState:
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> TransformerConfig:
     """The TransformerConfig named by ``config.model`` (a preset plus overrides).
 
-    ``dtype="auto"`` becomes this machine's choice (``training.hardware.resolve_dtype``);
+    ``dtype="auto"`` becomes this machine's choice (``runtime.hardware.resolve_dtype``);
     TransformerConfig itself only takes concrete dtypes.
     """
     preset = config.model.preset

@@ -12,7 +12,7 @@ and bookkeeping. Orbax writes each checkpoint to a temporary directory and renam
 complete, so a process killed mid-save leaves nothing that looks valid (and the next start
 deletes such leftovers, ``cleanup_tmp_directories``).
 
-Resuming (``restore_latest``) tells apart what can go wrong (``training.checkpoint_checks``):
+Resuming (``restore_latest``) tells apart what can go wrong (``workdirs.checkpoint_errors``):
 
 - a damaged checkpoint (truncated or garbled files) is moved to ``corrupt_checkpoints/`` with a
   warning and the one before it is used;
@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from training.checkpoint_checks import (  # noqa: F401  (the errors are this module's API too)
+from workdirs.checkpoint_errors import (  # noqa: F401  (the errors are this module's API too)
     DAMAGED,
     TRANSIENT,
     CheckpointError,
@@ -46,7 +46,6 @@ from training.checkpoint_checks import (  # noqa: F401  (the errors are this mod
     describe,
     tree_differences,
 )
-from training.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ def _write_error(
     )
 
 
-def save(mngr: ocp.CheckpointManager, state: TrainState, data_state: dict, meta: dict) -> None:
+def save(mngr: ocp.CheckpointManager, state, data_state: dict, meta: dict) -> None:
     """Starts an (async) save of the whole training state at ``state.step``.
 
     Raises:
@@ -192,7 +191,7 @@ def _set_aside(mngr: ocp.CheckpointManager, step: int) -> None:
 def _check_fits(
     mngr: ocp.CheckpointManager,
     step: int,
-    abstract: TrainState,
+    abstract,
     meta: dict,
     config: dict | None,
     batch: dict | None,
@@ -229,11 +228,11 @@ def _check_fits(
 
 def restore_latest(
     mngr: ocp.CheckpointManager,
-    abstract: TrainState,
+    abstract,
     *,
     config: dict | None = None,
     batch: dict | None = None,
-) -> tuple[TrainState, dict, dict] | None:
+) -> tuple[Any, dict, dict] | None:
     """Restores the newest usable checkpoint.
 
     Args:
@@ -281,7 +280,9 @@ def restore_latest(
             log.warning("checkpoint %d has meta step %s; using it anyway", step, meta.get("step"))
         if config is not None and (changed := config_differences(meta.get("config"), config)):
             log.warning("resuming from step %d with changed configuration: %s", step, changed)
-        state = TrainState(
+        # The training state's own type (``training.state.TrainState``), which this lower
+        # layer does not import: the abstract state has its fields.
+        state = abstract.replace(
             step=jax.numpy.asarray(step, jax.numpy.int32),
             params=restored["params"],
             opt_state=restored["opt_state"],

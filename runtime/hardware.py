@@ -10,14 +10,13 @@ there, so a run resumed on another machine computes as it started.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import jax
 import numpy as np
 
-log = logging.getLogger("train")
+log = logging.getLogger(__name__)
 
 # CPU flags (as /proc/cpuinfo spells them) with native bf16 matmul instructions.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -143,44 +142,19 @@ def _process_0s_choice(dtype: str) -> str:
     return "bfloat16" if bf16 else "float32"
 
 
-def resolve_workdir_dtype(requested: str, workdir: str | Path | None = None) -> tuple[str, str]:
-    """``resolve_dtype``, except that ``"auto"`` keeps the dtype of an existing workdir.
-
-    A resumed run must compute as it started even on another machine, so the dtype written in
-    ``WORKDIR/model_config.json`` wins over the hardware. Several processes agree on process 0's
-    choice (a cluster of unlike CPUs would otherwise compile different programs).
+def resolve_workdir_dtype(requested: str, saved: str | None = None) -> tuple[str, str]:
+    """``resolve_dtype``, except that ``"auto"`` keeps ``saved``, the dtype an existing workdir
+    was started with (a resumed run computes as it started, even on another machine). Several
+    processes agree on process 0's choice (a cluster of unlike CPUs would otherwise compile
+    different programs).
 
     Returns:
       ``(dtype, reason)``.
     """
-    if requested == "auto" and workdir is not None:
-        path = Path(workdir) / "model_config.json"
-        if path.exists():
-            saved = json.loads(path.read_text()).get("dtype")
-            if saved:
-                return saved, f"dtype=auto resuming {path}: keeping its dtype {saved}"
+    if requested == "auto" and saved:
+        return saved, f"dtype=auto resuming a workdir: keeping its dtype {saved}"
     dtype, reason = resolve_dtype(requested)
     if requested == "auto" and (agreed := _process_0s_choice(dtype)) != dtype:
         dtype = agreed
         reason = f"dtype=auto: process 0 chose {dtype} (all processes compute alike)"
     return dtype, reason
-
-
-def resolve_config(config, workdir: str | Path | None = None):
-    """A copy of ``config`` with ``model.overrides.dtype`` resolved (``"auto"`` replaced), logged.
-
-    The copy is what the run uses and writes (``config.json``, checkpoint metadata), so a resumed
-    run compares like with like; the caller's config is left as it was.
-    """
-    import copy
-
-    requested = config.model.overrides.get("dtype")
-    if requested is None:  # the preset's dtype
-        return config
-    dtype, reason = resolve_workdir_dtype(requested, workdir)
-    log.info("compute dtype %s (%s)", dtype, reason)
-    if dtype == requested:
-        return config
-    resolved = copy.deepcopy(config)
-    resolved.model.overrides.dtype = dtype
-    return resolved

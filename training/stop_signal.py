@@ -1,16 +1,10 @@
-"""Two helpers of the training loop: stopping on a signal, and timing training apart from the rest.
-
-``StopSignal`` turns SIGTERM / SIGINT into a flag the loop checks at step boundaries (so it can
-save a checkpoint first); ``Window`` counts training tokens, steps and seconds between log lines
-without the time spent evaluating or saving.
-"""
+"""``StopSignal`` turns SIGTERM / SIGINT into a flag the training loop checks at step boundaries,
+so it can save a checkpoint before it stops; all processes stop at the same step."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
-import time
 
 import jax
 import numpy as np
@@ -45,32 +39,3 @@ class StopSignal:
         if jax.process_count() > 1:
             flag = multihost_utils.process_allgather(flag)
         return bool(np.any(flag))
-
-
-class Window:
-    """Training tokens, steps and seconds since the last log line, minus paused time."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> float:
-        """Starts a new window; returns the seconds the old one lasted."""
-        now = time.monotonic()
-        seconds = now - getattr(self, "start", now)
-        self.start, self.tokens, self.steps = now, 0, 0
-        return seconds
-
-    def add(self, tokens: int) -> None:
-        self.tokens += tokens
-        self.steps += 1
-
-    def seconds(self) -> float:
-        return time.monotonic() - self.start
-
-    @contextlib.contextmanager
-    def paused(self):
-        start = time.monotonic()
-        try:
-            yield
-        finally:
-            self.start += time.monotonic() - start

@@ -1,6 +1,6 @@
 """What can go wrong reading a checkpoint, told apart, and what a checkpoint does not fit.
 
-Three kinds of failure need three different answers (``training.checkpoints`` acts on them):
+Three kinds of failure need three different answers (``workdirs.checkpoints`` acts on them):
 
 - **damaged**: truncated or garbled files, a missing file or item (JSON that does not parse,
   TensorStore's DATA_LOSS / OUT_OF_RANGE / NOT_FOUND ...). The checkpoint is set aside and the

@@ -1,6 +1,6 @@
 """What every reader and writer shares: the in-memory model, the error type, atomic output.
 
-A reader (``interop.workdir``) turns some on-disk model into a ``TransformerBundle``: the
+A reader (``interop.workdir_format``) turns some on-disk model into a ``TransformerBundle``: the
 project's ``TransformerConfig``, its parameters as NumPy arrays in the Flax layout, and the
 shared SentencePiece tokenizer. A writer (``interop.ctranslate2``) turns a bundle into some
 other format's directory, staged beside the destination and renamed into place only when

@@ -27,16 +27,16 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from decoding.common import Cache, PerSentence, Positions, Slots, TokensToLogits, unwrap
+from decoding.cache import Cache, PerSentence, Positions, Slots, TokensToLogits, unwrap
 from model.decoder_only import DecoderOnlyLM
 from model.transformer import Transformer
-from training.hardware import resolve_decode_dtype
+from runtime.hardware import resolve_decode_dtype
 
 log = logging.getLogger(__name__)
 
 
 def for_decoding(model, dtype: str = "auto"):
-    """The same model computing in the decoding dtype (``training.hardware.resolve_decode_dtype``:
+    """The same model computing in the decoding dtype (``runtime.hardware.resolve_decode_dtype``:
     ``"auto"`` is the training dtype on accelerators and CPUs with AMX, float32 on other CPUs);
     the parameters fit both. Logs the choice and its reason."""
     chosen, reason = resolve_decode_dtype(dtype, model.config.dtype)
@@ -61,7 +61,7 @@ def cached_decoder(
       ``(tokens_to_logits, cache)``: ``ids [R, 1] -> logits [R, V]`` float32 (R = B x beams),
       and the cache of ``Transformer.init_cache`` with its per-sentence entries (the source
       mask, the encoder-decoder keys/values) marked ``PerSentence`` and its self-attention
-      keys/values ``Positions`` (see ``decoding.common``).
+      keys/values ``Positions`` (see ``decoding.cache``).
     """
     memory = model.apply(variables, src, method=Transformer.encode)
     cache = model.apply(variables, memory, src, cache_length, method=Transformer.init_cache)
@@ -74,7 +74,7 @@ def cached_decoder(
 
 
 def _mark(cache: Cache) -> Cache:
-    """Marks ``Transformer.init_cache``'s entries for the searches (``decoding.common``)."""
+    """Marks ``Transformer.init_cache``'s entries for the searches (``decoding.cache``)."""
     layers = tuple(
         {
             # {'k', 'v'} [R, H, L, K]: slot l holds step l of the row that wrote it; the
