@@ -16,6 +16,7 @@ torch is a benchmark-only dependency: ``pip install torch==2.13.0``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -31,6 +32,11 @@ from training.state import OptimizerConfig, init_state, make_optimizer, state_sh
 from training.step import make_train_step, train_flops_per_step
 
 D, H, F, LAYERS, V, B, L = 256, 4, 1024, 3, 8000, 32, 64
+# The probe model, defined once: both engines and the FLOP count use it.
+PROBE = TransformerConfig(
+    vocab_size=V, d_model=D, num_heads=H, d_ff=F, num_encoder_layers=LAYERS,
+    num_decoder_layers=LAYERS, dropout_rate=0.1, max_positions=L,
+)  # fmt: skip
 
 
 def machine_line() -> str:
@@ -82,11 +88,7 @@ def paper_optimizer() -> OptimizerConfig:
 
 def flax_runner(dtype: str):
     """Compiles the train step once; returns ``run(steps) -> seconds per step``."""
-    cfg = TransformerConfig(
-        vocab_size=V, d_model=D, num_heads=H, d_ff=F, num_encoder_layers=LAYERS,
-        num_decoder_layers=LAYERS, dropout_rate=0.1, max_positions=L, dtype=dtype,
-    )  # fmt: skip
-    model = Transformer(cfg)
+    model = Transformer(dataclasses.replace(PROBE, dtype=dtype))
     tx, schedule = make_optimizer(paper_optimizer(), D)
     shardings, _ = state_shardings(model, tx, make_mesh(devices=jax.devices()[:1]))
     state = init_state(model, tx, shardings, jax.random.key(0))
@@ -164,11 +166,7 @@ def main():
     # As train.py does, before JAX starts its backend; torch, in the same process, shares it.
     tuned = not args.default_allocator and tune_host_allocator()
     print(machine_line() + f"; host allocator {'tuned' if tuned else 'default'}")
-    cfg = TransformerConfig(
-        vocab_size=V, d_model=D, num_heads=H, d_ff=F, num_encoder_layers=LAYERS,
-        num_decoder_layers=LAYERS, max_positions=L,
-    )  # fmt: skip
-    flops = train_flops_per_step(cfg, B, L)
+    flops = train_flops_per_step(PROBE, B, L)
     tokens = 2 * B * L
     results = {}
     # Interleave the contenders window by window so machine noise hits them alike.
