@@ -218,34 +218,3 @@ def load_or_train(path: str | Path, pairs: Sequence[tuple[str, str]], **kwargs) 
         log.info("loading tokenizer %s", path)
         return Tokenizer.load(path)
     return train_tokenizer(pairs, path, **kwargs)
-
-
-def workdir_tokenizer(workdir: str | Path):
-    """The tokenizer a workdir holds: ``tokenizer.model`` (trained here) or an imported
-    Marian tokenizer (``marian_tokenizer.json`` and its files, see ``data.marian_tokenizer``).
-
-    Raises:
-      FileNotFoundError: the workdir has neither.
-      DataError: the files are there but unusable.
-    """
-    from data import marian_tokenizer  # Imports this module: load it only when needed.
-
-    workdir = Path(workdir)
-    if (workdir / "tokenizer.model").exists():
-        return Tokenizer.load(workdir / "tokenizer.model")
-    if (workdir / marian_tokenizer.DESCRIPTOR).exists():
-        return marian_tokenizer.MarianTokenizer.load(workdir)
-    raise FileNotFoundError(f"missing tokenizer: {workdir / 'tokenizer.model'}")
-
-
-def workdir_tokenizer_files(workdir: str | Path) -> list[Path]:
-    """The files of a workdir's tokenizer (empty if it has none), to copy or compare."""
-    from data import marian_tokenizer
-
-    workdir = Path(workdir)
-    if (workdir / "tokenizer.model").exists():
-        return [workdir / "tokenizer.model"]
-    if (workdir / marian_tokenizer.DESCRIPTOR).exists():
-        names = (*marian_tokenizer.FILES, marian_tokenizer.DESCRIPTOR)
-        return [workdir / n for n in names]
-    return []

@@ -179,12 +179,12 @@ def _tokenizer_size(config, workdir: Path, source: Path | None) -> int:
     """The size of the tokenizer the run will use: the workdir's, the one ``init_from``
     copies, or ``config.vocab_size`` for one trained at the start. A ``tokenizer.model``
     trained in this workdir with another ``vocab_size`` than the config's is refused."""
-    if workdir_files.workdir_tokenizer_files(workdir):
+    if workdir_files.tokenizer_files(workdir):
         if not (config.get("init_from") or _fine_tuned(workdir)):
-            _check_trained_size(workdir / "tokenizer.model", config.vocab_size, workdir)
-        return workdir_files.workdir_tokenizer(workdir).vocab_size
+            _check_trained_size(workdir / workdir_files.TOKENIZER, config.vocab_size, workdir)
+        return workdir_files.read_tokenizer(workdir).vocab_size
     if source is not None:
-        return workdir_files.workdir_tokenizer(source).vocab_size
+        return workdir_files.read_tokenizer(source).vocab_size
     return config.vocab_size
 
 

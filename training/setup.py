@@ -69,13 +69,16 @@ def setup(config: ml_collections.ConfigDict, workdir: Path, start: config_checks
         # Fine-tuning: parameters only make sense with the tokenizer they were trained with.
         workdir_files.copy_tokenizer(start.source, workdir)
     # One process trains it; the others load the same file.
-    if jax.process_index() == 0 and not workdir_files.workdir_tokenizer_files(workdir):
+    if jax.process_index() == 0 and not workdir_files.tokenizer_files(workdir):
         data.train_tokenizer(
-            train_pairs, workdir / "tokenizer.model", vocab_size=config.vocab_size, seed=config.seed
+            train_pairs,
+            workdir / workdir_files.TOKENIZER,
+            vocab_size=config.vocab_size,
+            seed=config.seed,
         )
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("tokenizer written")
-    tokenizer = workdir_files.workdir_tokenizer(workdir)
+    tokenizer = workdir_files.read_tokenizer(workdir)
     if tokenizer.vocab_size != start.vocab_size:  # SentencePiece makes exactly vocab_size pieces
         raise data.DataError(
             f"{workdir}'s tokenizer has {tokenizer.vocab_size} pieces, expected {start.vocab_size}"

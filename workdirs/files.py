@@ -18,8 +18,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from data import Tokenizer
-from data.tokenizer import workdir_tokenizer, workdir_tokenizer_files
+from data import Tokenizer, marian_tokenizer
 from model import TransformerConfig
 from model.encoder_only import model_vocab_size
 
@@ -27,12 +26,10 @@ CONFIG = "config.json"
 MODEL_CONFIG = "model_config.json"
 TOKENIZER = "tokenizer.model"
 
-# The tokenizer of a workdir: read and listed by data.tokenizer, re-exported so that callers
-# find every workdir file here.
 __all__ = [
     "CONFIG", "MODEL_CONFIG", "TOKENIZER", "check_model_config", "check_tokenizer_copy",
     "config_dict", "copy_tokenizer", "model_config_diff", "read_model_config", "saved_model_field",
-    "workdir_tokenizer", "workdir_tokenizer_files", "write_configs", "write_model_config",
+    "read_tokenizer", "tokenizer_files", "write_configs", "write_model_config",
 ]  # fmt: skip
 
 
@@ -86,7 +83,7 @@ def check_tokenizer_copy(source: Path, workdir: Path) -> list[Path]:
       FileNotFoundError: the source has no tokenizer.
       ValueError: ``workdir`` holds different ones already.
     """
-    files = workdir_tokenizer_files(source)
+    files = tokenizer_files(source)
     if not files:
         raise FileNotFoundError(f"config.init_from: missing tokenizer: {source / TOKENIZER}")
     for src in files:
@@ -125,12 +122,12 @@ def read_model_config(workdir: Path) -> tuple[TransformerConfig, Tokenizer]:
     config_path = workdir / MODEL_CONFIG
     if not config_path.exists():
         raise FileNotFoundError(f"missing model config: {config_path} (was the workdir trained?)")
-    if not workdir_tokenizer_files(workdir):
+    if not tokenizer_files(workdir):
         raise FileNotFoundError(
             f"missing tokenizer: {workdir / TOKENIZER} (was the workdir trained?)"
         )
     config = TransformerConfig.from_dict(json.loads(config_path.read_text()))
-    tokenizer = workdir_tokenizer(workdir)
+    tokenizer = read_tokenizer(workdir)
     # An encoder-only model has one more row than its tokenizer: the mask id.
     if model_vocab_size(config.architecture, tokenizer.vocab_size) != config.vocab_size:
         raise ValueError(
@@ -151,3 +148,30 @@ def saved_model_field(workdir: str | Path, name: str):
     if not isinstance(saved, dict):
         return None
     return TransformerConfig.normalised_dict(saved).get(name)
+
+
+def read_tokenizer(workdir: str | Path):
+    """The tokenizer a workdir holds: ``tokenizer.model`` (trained here) or an imported
+    Marian tokenizer (``marian_tokenizer.json`` and its files, see ``data.marian_tokenizer``).
+
+    Raises:
+      FileNotFoundError: the workdir has neither.
+      DataError: the files are there but unusable.
+    """
+    workdir = Path(workdir)
+    if (workdir / TOKENIZER).exists():
+        return Tokenizer.load(workdir / TOKENIZER)
+    if (workdir / marian_tokenizer.DESCRIPTOR).exists():
+        return marian_tokenizer.MarianTokenizer.load(workdir)
+    raise FileNotFoundError(f"missing tokenizer: {workdir / TOKENIZER}")
+
+
+def tokenizer_files(workdir: str | Path) -> list[Path]:
+    """The files of a workdir's tokenizer (empty if it has none), to copy or compare."""
+    workdir = Path(workdir)
+    if (workdir / TOKENIZER).exists():
+        return [workdir / TOKENIZER]
+    if (workdir / marian_tokenizer.DESCRIPTOR).exists():
+        names = (*marian_tokenizer.FILES, marian_tokenizer.DESCRIPTOR)
+        return [workdir / n for n in names]
+    return []
