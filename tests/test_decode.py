@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import decode
+from cli import files
 from data import DataError, train_tokenizer
 from decoding.translate import SearchConfig, Translator
 from tests.conftest import REPO
@@ -95,13 +96,13 @@ def test_invalid_utf8_input_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine\nalso fine\nbroken \xff here\n")
     with pytest.raises(DataError, match=f"{bad}:3: invalid UTF-8"):
-        list(decode.read_chunks(str(bad), 10))
+        list(files.read_chunks(str(bad), 10))
 
 
 def test_crlf_and_bom_are_handled(tmp_path):
     path = tmp_path / "win.txt"
     path.write_bytes("\ufeffone\r\ntwo\r\n\r\nfour".encode())
-    assert list(decode.read_chunks(str(path), 2)) == [["one", "two"], ["", "four"]]
+    assert list(files.read_chunks(str(path), 2)) == [["one", "two"], ["", "four"]]
 
 
 def _partials(directory):
@@ -196,12 +197,12 @@ def test_count_lines_counts_as_read_chunks_does_and_checks_utf8_first(tmp_path):
     for content in (b"", b"one", b"one\n", b"\xef\xbb\xbfone\r\ntwo\r\n\r\nfour", b"\n\n"):
         path = tmp_path / "f.txt"
         path.write_bytes(content)
-        expected = sum(len(chunk) for chunk in decode.read_chunks(str(path), 3))
-        assert decode.count_lines(str(path)) == expected, content
+        expected = sum(len(chunk) for chunk in files.read_chunks(str(path), 3))
+        assert files.count_lines(str(path)) == expected, content
     bad = tmp_path / "bad.txt"
     bad.write_bytes("é\n".encode() * 5000 + b"cut \xc3\n" + b"fine\n")
     with pytest.raises(DataError, match=f"{bad}:5001: invalid UTF-8 at byte 4"):
-        decode.count_lines(str(bad))
+        files.count_lines(str(bad))
 
 
 class _Terminal(io.StringIO):
@@ -211,16 +212,16 @@ class _Terminal(io.StringIO):
 
 def test_progress_is_a_bar_on_a_terminal_and_a_log_line_per_chunk_otherwise(caplog):
     terminal = _Terminal()
-    with decode.Progress(35, terminal).active() as progress:
+    with files.Progress(35, terminal).active() as progress:
         progress.update(10, 10)
         progress.update(25, 35)
     bar = terminal.getvalue()
     assert "35/35" in bar and "lines/s" in bar and "<" in bar  # done of total, rate, ETA
     plain = io.StringIO()
     with caplog.at_level(logging.INFO, logger="decode"):
-        with decode.Progress(35, plain).active() as progress:
+        with files.Progress(35, plain).active() as progress:
             progress.update(10, 10)
-        with decode.Progress(None, plain).active() as progress:
+        with files.Progress(None, plain).active() as progress:
             progress.update(10, 10)
     assert plain.getvalue() == ""
     assert [r.getMessage() for r in caplog.records if r.name == "decode"] == [
