@@ -1,4 +1,5 @@
-"""The README's promises: CI runs its test command, and its Python examples run as written."""
+"""The README's promises: CI runs its test command, and its Python examples (and those of
+docs/) run as written."""
 
 import re
 import textwrap
@@ -8,6 +9,9 @@ import numpy as np
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()
+# The pages whose ```python blocks run, in the order a reader meets them: the README builds the
+# model that docs/model.md continues from; every page of docs/ with a Python block is here.
+PAGES = ("README.md", "docs/model.md", "docs/family.md", "docs/interop.md")
 
 
 def test_ci_runs_the_readme_test_command():
@@ -21,25 +25,36 @@ def python_blocks(text: str) -> list[str]:
     return [textwrap.dedent(b) for b in re.findall(r"^ *```python\n(.*?)^ *```", text, re.S | re.M)]
 
 
+def test_every_page_with_python_blocks_is_run():
+    pages = {str(p.relative_to(REPO)) for p in [REPO / "README.md", *(REPO / "docs").glob("*.md")]}
+    with_blocks = {page for page in pages if python_blocks((REPO / page).read_text())}
+    assert with_blocks == set(PAGES), with_blocks ^ set(PAGES)
+
+
 def test_every_python_example_runs_as_written(tiny_workdir, tmp_path):
-    """The README's Python blocks run top to bottom in one namespace, as a reader pastes them,
-    with its workdir paths pointing at a trained tiny workdir and a CTranslate2 export of it."""
+    """The Python blocks of the README and docs/ run top to bottom in one namespace, as a
+    reader pastes them, with their workdir paths pointing at a trained tiny workdir and a
+    CTranslate2 export of it."""
     from interop.registry import convert
     from workdirs.files import read_model_config
 
     ct2 = tmp_path / "ct2"
     convert(f"workdir:{tiny_workdir}", f"ctranslate2:{ct2}")
     max_positions = read_model_config(tiny_workdir)[0].max_positions
-    blocks = python_blocks(README)
-    assert len(blocks) >= 6
+    blocks = [
+        (f"{page} python block {i + 1}", block)
+        for page in PAGES
+        for i, block in enumerate(python_blocks((REPO / page).read_text()))
+    ]
+    assert len(blocks) >= 7
     scope: dict = {}
-    for i, block in enumerate(blocks):
+    for name, block in blocks:
         block = (
             block.replace('"runs/default-ct2"', repr(str(ct2)))
             .replace('"runs/default"', repr(str(tiny_workdir)))
             .replace("max_positions = 256", f"max_positions = {max_positions}")
         )
-        exec(compile(block, f"README.md python block {i + 1}", "exec"), scope)
+        exec(compile(block, name, "exec"), scope)
     # What the blocks promise, checked on what they computed.
     assert scope["logits"].shape[-1] == 8001  # the masked LM's, the last logits written
     assert np.isfinite(np.asarray(scope["logits"])).all()
