@@ -16,6 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from bench.results import write_result
 from bench.train_speed import machine_line, paper_optimizer
 from model import Transformer, TransformerConfig
 from training.state import TrainState, make_optimizer
@@ -69,22 +70,27 @@ def main(argv=None):
     parser.add_argument("--length", type=int, default=256, help="tokens per row")
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args(argv)
-    print(machine_line())
-    print(
+    lines = [
+        machine_line(),
+        "",
         f"train step, {args.rows} x {args.length} source + target tokens, {args.dtype} compute, "
-        f"vocab {args.vocab:,}; AOT compile on {jax.devices()[0].platform}"
-    )
-    print("| preset | scan_layers | remat | compile s | temporaries MiB | with arguments MiB |")
-    print("|---|---|---|---|---|---|")
+        f"vocab {args.vocab:,}; AOT compile on {jax.devices()[0].platform}",
+        "",
+        "| preset | scan_layers | remat | compile s | temporaries MiB | with arguments MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    print("\n".join(line for line in lines if line))
     for preset in args.presets.split(","):
         for scan, remat in VARIANTS:
             m = measure(preset, scan, remat, vocab=args.vocab, rows=args.rows,
                         length=args.length, dtype=args.dtype)  # fmt: skip
-            print(
+            lines.append(
                 f"| {preset} ({m['params'] / 1e6:.0f}M) | {scan} | {remat} | "
-                f"{m['compile_s']:.1f} | {m['temp'] / 2**20:.1f} | {m['total'] / 2**20:.1f} |",
-                flush=True,
+                f"{m['compile_s']:.1f} | {m['temp'] / 2**20:.1f} | {m['total'] / 2**20:.1f} |"
             )
+            print(lines[-1], flush=True)
+    path = write_result("compile_memory", "\n".join(lines), argv=argv)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

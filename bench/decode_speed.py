@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from bench.results import markdown_table, write_result
 from configs.default import get_config
 from configs.tiny import CORPUS as TINY_CORPUS
 from data.sources import ParallelText
@@ -133,12 +134,13 @@ def main() -> None:
     if args.dtype:
         cfg = cfg.replace(dtype=args.dtype)
     model = Transformer(cfg)
-    print(
+    described = (
         f"model: d_model {cfg.d_model}, {cfg.num_heads} heads, d_ff {cfg.d_ff}, "
         f"{cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers, vocab {cfg.vocab_size}, "
         f"{cfg.dtype}; beam {args.beam_size}, {args.out_len} output tokens; "
         f"{jax.device_count()} {jax.default_backend()} device(s)"
     )
+    print(described)
     batches = source_batches(args, cfg.vocab_size, max(args.sentences, args.uncached_sentences))
     init = jax.jit(functools.partial(model.init, jax.random.key(0)))
     variables = nn.unbox(init(batches[0][:1], batches[0][:1]))
@@ -155,16 +157,25 @@ def main() -> None:
         f"\n{'decoder':<10} {'sentences':>9} {'compile s':>10} {'decode s':>9} "
         f"{'sentences/s':>12} {'tokens/s':>9} {'ms/step':>8}"
     )
+    cells = []
     for adapter, n, compile_s, seconds, sps, tps in rows:
         ms_step = 1e3 * seconds / (-(-n // args.batch) * args.out_len)
         print(
             f"{adapter:<10} {n:>9} {compile_s:>10.1f} {seconds:>9.2f} {sps:>12.2f} "
             f"{tps:>9.0f} {ms_step:>8.1f}"
         )
-    print(f"\nspeed-up of the cache: {rows[0][4] / rows[1][4]:.1f}x (sentences/s)")
+        cells.append((adapter, n, f"{compile_s:.1f}", f"{seconds:.2f}", f"{sps:.2f}",
+                      f"{tps:.0f}", f"{ms_step:.1f}"))  # fmt: skip
+    speedup = f"speed-up of the cache: {rows[0][4] / rows[1][4]:.1f}x (sentences/s)"
+    print(f"\n{speedup}")
     n = min(len(outputs["cached"]), len(outputs["uncached"]))
     same = np.mean(np.all(outputs["cached"][:n] == outputs["uncached"][:n], axis=1))
-    print(f"identical best outputs on the {n} sentences both decoded: {same:.0%}")
+    identical = f"identical best outputs on the {n} sentences both decoded: {same:.0%}"
+    print(identical)
+    header = ("decoder", "sentences", "compile s", "decode s", "sentences/s", "tokens/s",
+              "ms/step")  # fmt: skip
+    text = "\n\n".join([described, markdown_table(header, cells), f"- {speedup}\n- {identical}"])
+    print(f"wrote {write_result('decode_speed', text, argv=None)}")
 
 
 if __name__ == "__main__":

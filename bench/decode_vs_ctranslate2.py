@@ -228,8 +228,9 @@ def _measure(args, tmp: Path) -> dict:
     return res
 
 
-def table(res: dict, passes: int) -> str:
-    """The printed comparison: one row per engine and their ratio (project / CTranslate2)."""
+def summary(res: dict) -> dict[str, list[float | None]]:
+    """Per engine and for their ratio (project / CTranslate2): sentences/s and tokens/s of the
+    whole run and of a compiled pass, compile seconds, peak RSS in MiB and BLEU."""
     n = res["sentences"]
     rows = {}
     for engine in ENGINES:
@@ -244,6 +245,12 @@ def table(res: dict, passes: int) -> str:
         for a, b in zip(rows["decode.py"], rows["ctranslate2"], strict=True)
     ]
     rows["ratio"][4] = None  # CTranslate2 compiles nothing: its warm-up overhead is not a peer.
+    return rows
+
+
+def table(res: dict, passes: int) -> str:
+    """The printed comparison: one row per engine and their ratio (project / CTranslate2)."""
+    rows = summary(res)
     header = (
         f"{'engine':<13}{'whole run':>22}{'compiled':>22}{'compile s':>11}{'peak RSS':>11}"
         f"{'BLEU':>8}\n{'':<13}{'sent/s':>11}{'tok/s':>11}{'sent/s':>11}{'tok/s':>11}"
@@ -257,11 +264,17 @@ def table(res: dict, passes: int) -> str:
             for v in rows[name]
         ]
         lines.append(f"{label:<13}" + "".join(f"{c:>11}" for c in cells[:6]) + f"{cells[6]:>8}")
-    lines.append(
+    return "\n".join(lines + notes(res, passes))
+
+
+def notes(res: dict, passes: int) -> list[str]:
+    """The lines under the table: what its numbers are, and each engine's passes."""
+    n = res["sentences"]
+    lines = [
         f"{n} sentences, medians of {passes} passes, decode.py --stopping={res['stopping']}; "
         "identical outputs: "
         f"{res['identical']}/{n}; compile s for ctranslate2 is its warm-up overhead"
-    )
+    ]
     # The passes themselves, so that a median taken on a noisy machine can be judged.
     for engine in ENGINES:
         r = res[engine]
@@ -271,7 +284,22 @@ def table(res: dict, passes: int) -> str:
         )
     if not res["consistent"]:
         lines.append("note: an engine's whole-run output file differs from its in-process outputs")
-    return "\n".join(lines)
+    return lines
+
+
+def markdown(res: dict, passes: int) -> str:
+    """``table``'s numbers as a Markdown table, its notes as a list below it."""
+    from bench.results import markdown_table  # imports JAX: not in the worker
+
+    header = ("engine", "whole run sent/s", "whole run tok/s", "compiled sent/s",
+              "compiled tok/s", "compile s", "peak RSS MiB", "BLEU")  # fmt: skip
+    cells = []
+    for name, label in (("decode.py", "decode.py"), ("ctranslate2", "CTranslate2"),
+                        ("ratio", "decode.py / CTranslate2")):  # fmt: skip
+        values = summary(res)[name]
+        form = "{:.2f}x" if name == "ratio" else "{:.2f}"
+        cells.append([label] + ["-" if v is None else form.format(v) for v in values])
+    return markdown_table(header, cells) + "\n\n" + "\n".join(f"- {x}" for x in notes(res, passes))
 
 
 def _seconds(values: list[float]) -> str:
@@ -331,14 +359,19 @@ def main(argv=None) -> None:
         raise SystemExit("--passes and --beam_size must be >= 1")
     import jax
 
+    from bench.results import write_result
+
     res = measure(args)
     search = "greedy" if args.beam_size == 1 else f"beam {args.beam_size}, alpha {args.alpha}"
-    print(
-        f"\n{args.workdir} ({args.checkpoint}), {search}; decode.py --dtype={args.dtype}; "
+    described = (
+        f"{args.workdir} ({args.checkpoint}), {search}; decode.py --dtype={args.dtype}; "
         f"CTranslate2 {args.ct2_compute_type} with {args.ct2_threads} threads; JAX on "
         f"{jax.device_count()} {jax.default_backend()} device(s)"
     )
+    print(f"\n{described}")
     print(table(res, args.passes))
+    text = described + "\n\n" + markdown(res, args.passes)
+    print(f"wrote {write_result('decode_vs_ctranslate2', text, argv=argv)}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Run from the repository root:
 
     python -m bench.input_pipeline                   # row_length 128, 25k tokens per side per step
-    python -m bench.input_pipeline --max-len 64 --compare-grain
+    python -m bench.input_pipeline --row-length 64 --compare-grain
 
 It prints the one-off costs (reading, tokenizer training, tokenizing) and then the steady-state
 rate of packed training batches, counted as real (non-padding) source + target tokens, over
@@ -22,6 +22,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from bench.results import markdown_table, write_result
 from data.bucketed_batches import padded_batches
 from data.pipeline import batch_stats, encode_pairs, rows_per_step, train_dataset
 from data.sources import ParallelText
@@ -36,10 +37,15 @@ def corpus_dir(args: argparse.Namespace) -> Path:
     return Path(bible.ensure_default_corpus(args.data_dir))
 
 
+# (what, result) of this run, for the results file.
+RESULTS: list[tuple[str, str]] = []
+
+
 def timed(label: str, fn, *args, **kwargs):
     start = time.perf_counter()
     out = fn(*args, **kwargs)
     print(f"{label:<34} {time.perf_counter() - start:8.2f} s")
+    RESULTS.append((label, f"{time.perf_counter() - start:.2f} s"))
     return out
 
 
@@ -80,7 +86,7 @@ def main() -> None:
     parser.add_argument("--data-dir", help="where to build the default corpus if needed")
     parser.add_argument("--tokenizer", help="SentencePiece model to use or create")
     parser.add_argument("--vocab-size", type=int, default=8000)
-    parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--row-length", "--max-len", dest="row_length", type=int, default=128)
     parser.add_argument("--tokens-per-step", type=int, default=25_000)
     parser.add_argument("--epochs", type=float, default=3.0, help="epochs to time")
     parser.add_argument("--compare-grain", action="store_true", help="also time grain FirstFit")
@@ -120,6 +126,11 @@ def main() -> None:
     print(f"train batches: {rate:,.0f} tokens/s (source + target, non-pad) over {n} steps")
     print(f"  = {rate / per_step:,.1f} steps/s; one step holds {per_step:,.0f} tokens")
     print(f"  = {rate / 20_000:,.0f}x a 20k tokens/s training step, {rate / 10_000:,.0f}x 10k")
+    RESULTS.extend([
+        ("packing efficiency (non-pad fraction)", f"{eff:.3f} (epoch plan: {plan.efficiency:.3f})"),
+        ("train batches, tokens/s (source + target, non-pad)", f"{rate:,.0f} over {n} steps"),
+        ("train batches, steps/s", f"{rate / per_step:,.1f} ({per_step:,.0f} tokens per step)"),
+    ])  # fmt: skip
 
     dev = ParallelText(corpus / "dev.en", corpus / "dev.es")
     sources = [dev[i][0] for i in range(len(dev))]
@@ -132,6 +143,11 @@ def main() -> None:
         f"\ndecode batches (dev, {len(sources)} sources): {elapsed:.2f} s, {len(batches)} "
         f"batches, {real / max(elapsed, 1e-9):,.0f} tokens/s, padding {1 - real / slots:.1%}"
     )
+    RESULTS.append((
+        f"decode batches (dev, {len(sources)} sources)",
+        f"{elapsed:.2f} s, {len(batches)} batches, {real / max(elapsed, 1e-9):,.0f} tokens/s, "
+        f"padding {1 - real / slots:.1%}",
+    ))  # fmt: skip
 
     if args.compare_grain:
         examples, _ = encode_pairs(pairs, tok, row_length=args.row_length)
@@ -141,6 +157,17 @@ def main() -> None:
             f"\ngrain FirstFitPackIterDataset: {rate:,.0f} tokens/s, efficiency {eff:.3f} "
             f"over {n} steps"
         )
+        RESULTS.append((
+            "grain FirstFitPackIterDataset",
+            f"{rate:,.0f} tokens/s, efficiency {eff:.3f} over {n} steps",
+        ))  # fmt: skip
+    described = (
+        f"{corpus}: {len(pairs)} pairs, {stats['filtered']} over row_length={args.row_length}; "
+        f"vocab {tok.vocab_size}; {rows} rows x {args.row_length} per step; "
+        f"{plan.num_batches} steps per epoch"
+    )
+    text = described + "\n\n" + markdown_table(("what", "result"), RESULTS)
+    print(f"wrote {write_result('input_pipeline', text, argv=None)}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.results import markdown_table, write_result
 from bench.train_speed import matmul_peak, paper_optimizer
 from model import Transformer, TransformerConfig, make_mesh, use_mesh
 from training.state import init_state, make_optimizer, state_shardings
@@ -103,21 +104,27 @@ def main():
     per_device = flops / sec / len(devices) / 1e12
     params = sum(x.size for x in jax.tree.leaves(state.params))
     tokens = 2 * args.rows * args.accum * args.length
-    print(f"device: {len(devices)} x {devices[0].device_kind} ({devices[0].platform})")
-    print(
-        f"model: {args.preset}, {params / 1e6:.1f}M parameters, {args.dtype} compute, "
-        f"{tokens:,} tokens per step (source + target)"
-    )
-    print(f"first step (compile + run): {compile_s:.1f} s")
-    windows_text = f"median of {args.repeats} x {args.steps}"
-    print(f"step: {sec * 1e3:.1f} ms ({windows_text}); {tokens / sec:,.0f} tokens/s")
-    print(f"model FLOP/s per device: {per_device:.2f} TFLOP/s")
-    mfu = per_device / measured
-    print(f"MFU vs measured {n}^3 bf16 matmul peak ({measured:.2f} TFLOP/s): {mfu:.1%}")
+    lines = [
+        ("device", f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})"),
+        ("model", f"{args.preset}, {params / 1e6:.1f}M parameters, {args.dtype} compute, "
+                  f"{tokens:,} tokens per step (source + target)"),
+        ("first step (compile + run)", f"{compile_s:.1f} s"),
+        ("step", f"{sec * 1e3:.1f} ms (median of {args.repeats} x {args.steps}); "
+                 f"{tokens / sec:,.0f} tokens/s"),
+        ("model FLOP/s per device", f"{per_device:.2f} TFLOP/s"),
+        (f"MFU vs measured {n}^3 bf16 matmul peak ({measured:.2f} TFLOP/s)",
+         f"{per_device / measured:.1%}"),
+    ]  # fmt: skip
     if sheet:
-        print(f"MFU vs datasheet bf16 peak ({sheet:.0f} TFLOP/s): {per_device / sheet:.1%}")
+        lines.append(
+            (f"MFU vs datasheet bf16 peak ({sheet:.0f} TFLOP/s)", f"{per_device / sheet:.1%}")
+        )
     else:
-        print(f"no datasheet peak known for {devices[0].device_kind!r}")
+        unknown = f"no datasheet peak known for {devices[0].device_kind!r}"
+        lines.append(("MFU vs datasheet bf16 peak", unknown))
+    for what, result in lines:
+        print(f"{what}: {result}")
+    print(f"wrote {write_result('mfu', markdown_table(('what', 'result'), lines), argv=None)}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.results import markdown_table, write_result
 from model import Transformer, TransformerConfig, make_mesh
 from runtime.hardware import REPORTED_CPU_FLAGS, cpu_info, resolve_dtype
 from runtime.host_memory import tune_host_allocator
@@ -165,7 +166,8 @@ def main():
 
     # As train.py does, before JAX starts its backend; torch, in the same process, shares it.
     tuned = not args.default_allocator and tune_host_allocator()
-    print(machine_line() + f"; host allocator {'tuned' if tuned else 'default'}")
+    machine = machine_line() + f"; host allocator {'tuned' if tuned else 'default'}"
+    print(machine)
     flops = train_flops_per_step(PROBE, B, L)
     tokens = 2 * B * L
     results = {}
@@ -182,13 +184,15 @@ def main():
         for dtype, measured in peaks.items():
             measured.append(matmul_peak(dtype))
     peak, peak32 = (statistics.median(p) for p in peaks.values())
-    print(
+    peak_line = (
         f"matmul peak (2048^3, f32 accumulation, fastest of 5 per window, median of windows): "
         f"bf16 {peak:.0f} GFLOP/s (windows {min(peaks[jnp.bfloat16]):.0f}-"
         f"{max(peaks[jnp.bfloat16]):.0f}), f32 {peak32:.0f}"
     )
+    print(peak_line)
     header = ("implementation", "s/step", "fastest", "tokens/s", "GFLOP/s", "% bf16 peak")
     print("{:24s} {:>8s} {:>8s} {:>10s} {:>8s} {:>11s}".format(*header))
+    rows = []
     for name, windows in results.items():
         sec = statistics.median(windows)
         gflops = flops / sec / 1e9
@@ -196,6 +200,9 @@ def main():
             f"{name:24s} {sec:8.4f} {min(windows):8.4f} {tokens / sec:10.0f} {gflops:8.1f} "
             f"{100 * gflops / peak:10.1f}%"
         )
+        rows.append((name, f"{sec:.4f}", f"{min(windows):.4f}", f"{tokens / sec:,.0f}",
+                     f"{gflops:.1f}", f"{100 * gflops / peak:.1f}%"))  # fmt: skip
+    ratios = []
     # Load from other tenants comes in episodes of several windows and slows the many small
     # ops of a 2-core XLA step more than torch's fewer, larger ones: the fastest windows and
     # the window-by-window ratios say how much of a median ratio is the machine's noise.
@@ -206,12 +213,20 @@ def main():
         for name, windows in results.items():
             if name.startswith("flax"):
                 paired = [r / w for r, w in zip(ref, windows, strict=True)]
-                print(
+                ratios.append(
                     f"speed of {name} / {torch_name}: "
                     f"{statistics.median(ref) / statistics.median(windows):.2f}x "
                     f"(fastest windows {min(ref) / min(windows):.2f}x; window by window "
                     f"{min(paired):.2f}-{max(paired):.2f}x)"
                 )
+                print(ratios[-1])
+    median = f"median of {args.repeats} windows of {args.steps} steps"
+    table = markdown_table(
+        ("implementation", f"s/step ({median})", "fastest window", "tokens/s", "GFLOP/s",
+         "% of the bf16 peak"), rows,
+    )  # fmt: skip
+    text = "\n\n".join([machine, peak_line, table, "\n".join(f"- {r}" for r in ratios)])
+    print(f"wrote {write_result('train_speed', text, argv=None)}")
 
 
 if __name__ == "__main__":

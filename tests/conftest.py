@@ -25,6 +25,13 @@ if "AIAYN_EXPORT_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, _exported, ignore_errors=True)
     os.environ["AIAYN_EXPORT_CACHE"] = _exported
 
+# The benchmarks' results files (bench/results.py): a benchmark run by a test writes there, never
+# into the repository's bench/results/.
+if "AIAYN_BENCH_RESULTS" not in os.environ:
+    _results = tempfile.mkdtemp(prefix="aiayn-test-bench-results-")
+    atexit.register(shutil.rmtree, _results, ignore_errors=True)
+    os.environ["AIAYN_BENCH_RESULTS"] = _results
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402

@@ -5,6 +5,7 @@ import sys
 import types
 
 from bench import mfu
+from bench.results import RESULTS, results_dir
 
 
 def test_mfu_bench_reports_positive_utilisation(capsys, monkeypatch):
@@ -42,6 +43,7 @@ def test_train_speed_names_the_machine_cpu_and_flags(monkeypatch):
 def test_compile_memory_bench_tables_every_setting(capsys):
     from bench import compile_memory
 
+    assert results_dir() != RESULTS  # tests/conftest.py points the benchmarks elsewhere
     compile_memory.main("--presets tiny --vocab 300 --rows 4 --length 16 --dtype float32".split())
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
     assert len(rows) == len(compile_memory.VARIANTS)
@@ -52,3 +54,7 @@ def test_compile_memory_bench_tables_every_setting(capsys):
         temps[(cells[1], cells[2])] = float(cells[4])
     # Keeping fewer activations needs no more temporary memory.
     assert temps[("True", "full")] <= temps[("True", "none")]
+    # The same table is the latest result, in the results directory (the tests' own).
+    written = (results_dir() / "compile_memory.md").read_text()
+    assert all(row in written for row in rows), written
+    assert "- command: `python -m bench.compile_memory --presets tiny --vocab 300" in written

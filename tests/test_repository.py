@@ -107,12 +107,25 @@ def test_a_module_skipped_while_collecting_fails_alone(tmp_path):
     assert "no_such_widget_module" in result.stdout
 
 
-def test_every_test_the_readme_table_names_exists():
-    readme = (REPO / "README.md").read_text()
-    table = readme.split("## What happens when")[1].split("\n## ")[0]
+def test_every_test_the_reliability_table_names_exists():
+    """docs/reliability.md's "What happens when" table: every test it names exists, and so does
+    every row of tests/test_cli_mistakes.py's table it names (there and in the notes below it)."""
+    from tests.test_cli_mistakes import ROWS
+
+    page = (REPO / "docs" / "reliability.md").read_text()
+    table = page.split("## What happens when")[1].split("\n## ")[0]
     rows = [
         line for line in table.splitlines() if line.startswith("| ") and "pinned by" not in line
     ]
+    notes = table.split("More on some rows:")[1]
+    mistakes = {str(row) for row in ROWS}
+    row_names = [
+        name
+        for text in [row.rstrip(" |").split(" | ")[-1] for row in rows] + [notes]
+        for name in re.findall(r"(?<![\w-])(?:train|decode|convert)-[a-z0-9_./=+-]*[a-z0-9]", text)
+    ]
+    assert len(row_names) >= 40, row_names
+    assert not set(row_names) - mistakes, set(row_names) - mistakes
     assert len(rows) >= 15
     named = 0
     for row in rows:
