@@ -20,6 +20,7 @@ import training.loop
 import training.step
 from configs.tiny import get_config
 from model import Transformer, TransformerConfig, build_model, make_mesh, use_mesh
+from tests import multihost_worker
 from tests.conftest import REPO
 from training.average import average_checkpoints
 from training.state import (
@@ -199,7 +200,10 @@ def test_losses_agree_on_every_mesh_shape(architecture):
         for _ in range(2)
     ]
     results = {}
-    for shape in (None, (8, 1, 1), (2, 2, 2), (1, 1, 8)):
+    # Each axis alone for the translation model; the family shares its sharding rules, so the
+    # mesh that uses all three axes at once is enough there (each mesh is a compilation).
+    shapes = [(8, 1, 1), (2, 2, 2), (1, 1, 8)] if architecture == "encoder_decoder" else [(2, 2, 2)]
+    for shape in (None, *shapes):
         mesh = make_mesh(devices=jax.devices()[:1]) if shape is None else make_mesh(*shape)
         shardings, _ = state_shardings(model, tx, mesh)
         state = init_state(model, tx, shardings, jax.random.key(0))
@@ -228,15 +232,11 @@ def test_two_processes_train_together_like_one():
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]  # fmt: skip
-    single = subprocess.run(
-        [sys.executable, worker, "0", "1", "0"], env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
+    # One process owning both devices: this one, on two of its simulated devices.
+    expected = multihost_worker.losses(make_mesh(devices=jax.devices()[:2]))
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    assert single.returncode == 0, single.stderr[-3000:]
-    expected = json.loads(single.stdout.splitlines()[-1])["losses"]
     for out, _ in outs:
         got = json.loads(out.splitlines()[-1])["losses"]
         np.testing.assert_allclose(got, expected, rtol=1e-5)

@@ -2,6 +2,7 @@
 asynchronous batches) translates exactly as the plain search over the uncached decoder."""
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -26,25 +27,25 @@ def reference(model, params, tokenizer, translator, search: SearchConfig):
     """Each batch decoded by the generic search over ``uncached_decoder`` (the whole decoder
     re-run over the prefix at every step, every cache leaf tiled and gathered per beam)."""
     indices, outputs = [], []
+
+    @functools.partial(jax.jit, static_argnums=3)  # one program per batch shape and length
+    def run(params, src, limits, length):
+        fn, cache = uncached_decoder(model, {"params": params}, src, length)
+        common = dict(
+            batch_size=src.shape[0], bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+            max_len=length, max_lengths=limits,
+        )  # fmt: skip
+        if search.method == "greedy":
+            return greedy_search(fn, cache, **common)[0][:, None], None
+        return beam_search(
+            fn, cache, beam_size=search.beam_size, alpha=search.alpha,
+            n_best=search.n_best, stopping=search.stopping, **common,
+        )  # fmt: skip
+
     for batch in translator.batches(LINES):
         src = batch["inputs"]
         length, limits = translator.output_limits(src)
-
-        @jax.jit
-        def run(params, src, limits, length=length):
-            fn, cache = uncached_decoder(model, {"params": params}, src, length)
-            common = dict(
-                batch_size=src.shape[0], bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                max_len=length, max_lengths=limits,
-            )  # fmt: skip
-            if search.method == "greedy":
-                return greedy_search(fn, cache, **common)[0][:, None], None
-            return beam_search(
-                fn, cache, beam_size=search.beam_size, alpha=search.alpha,
-                n_best=search.n_best, stopping=search.stopping, **common,
-            )  # fmt: skip
-
-        ids, scores = run(params, src, limits)
+        ids, scores = run(params, src, limits, length)
         rows = []
         for r in range(src.shape[0]):
             if batch["index"][r] < 0:
