@@ -274,7 +274,7 @@ class MultiHeadAttention(nn.Module):
 
     def init_cache(self, batch: int, length: int) -> dict:
         """An empty self-attention cache for ``length`` positions: ``{'k', 'v'}`` zeros
-        ``[B, H, L, K]`` in the compute dtype, filled by calls with ``index``."""
+        ``[B, H, L, K]`` in the compute dtype, filled by ``decode_self``."""
         cfg = self.config
         zeros = jnp.zeros((batch, cfg.num_heads, length, cfg.head_dim), cfg.compute_dtype)
         return {"k": zeros, "v": zeros}
@@ -291,51 +291,23 @@ class MultiHeadAttention(nn.Module):
         mask: jax.Array,
         *,
         kv: tuple[jax.Array, jax.Array] | None = None,
-        cache: dict | None = None,
-        index: jax.Array | None = None,
-        history: jax.Array | None = None,
         deterministic: bool = True,
-    ) -> jax.Array | tuple[jax.Array, dict]:
-        """Attends from ``x`` to ``kv`` (default: self-attention over ``x``), or to a cache.
+    ) -> jax.Array:
+        """Attends from ``x`` to ``kv`` (default: self-attention over ``x``), as in training.
+
+        Decoding, with a cache, goes through ``decode_self`` and ``decode_cross`` instead.
 
         Args:
-          x: ``[B, T, D]`` query-side inputs (``[R, T, D]`` when decoding, see ``attend_cache``).
-          mask: ``[B, 1, T, S]`` bool; with a cache ``[B or 1, 1, T, L]``.
-          kv: precomputed ``([B, S, H, K], [B, S, H, K])`` keys and values (the encoder
-            memory's, computed once per sentence).
-          cache: decoding mode. ``init_cache``'s self-attention cache, which this call extends
-            with the keys and values of ``x`` at positions ``index ..`` before attending; or
-            ``init_memory_cache``'s, read as it is when ``index`` is None. No dropout.
-          index: where the T new positions go in a self-attention cache.
-          history: with a self-attention cache, optional ``[R, L]`` int32: row r attends to
-            slot l of row ``history[r, l]`` (beams sharing a sentence's cache: slots are
-            written once and never move, and each hypothesis reads its ancestors' slots, so
-            no search copies the cache to follow its beams). None: each row reads its own.
+          x: ``[B, T, D]`` query-side inputs.
+          mask: ``[B, 1, T, S]`` bool.
+          kv: precomputed ``([B, S, H, K], [B, S, H, K])`` keys and values (``project_kv`` of
+            the encoder memory, for encoder-decoder attention); None: ``project_kv(x)``.
           deterministic: disables attention dropout.
 
         Returns:
-          ``[B, T, D]``, or with a cache ``([R, T, D], cache)``. When the ``intermediates``
-          collection is mutable (and no cache is passed), also sows the float32 probabilities
-          ``[B, H, T, S]`` as ``attention_weights``.
+          ``[B, T, D]``. When the ``intermediates`` collection is mutable, also sows the
+          float32 probabilities ``[B, H, T, S]`` as ``attention_weights``.
         """
-        if cache is not None:
-            if index is not None:
-                k_new, v_new = self.project_kv_cache(x)  # [R, H, T, K]
-                start = (0, 0, index, 0)
-                cache = {
-                    "k": jax.lax.dynamic_update_slice(
-                        cache["k"], k_new.astype(cache["k"].dtype), start
-                    ),
-                    "v": jax.lax.dynamic_update_slice(
-                        cache["v"], v_new.astype(cache["v"].dtype), start
-                    ),
-                }
-            k, v = cache["k"], cache["v"]
-            if history is not None:  # [R, H, L, K]: row history[r, l]'s slot l, every head.
-                heads = jnp.arange(k.shape[1])[None, :, None]
-                slots = jnp.arange(k.shape[2])[None, None, :]
-                k, v = (c[history[:, None, :], heads, slots] for c in (k, v))
-            return self.attend_cache(x, k, v, mask), cache
         cfg = self.config
         q = self._heads(x, self.query, "query_bias")
         k, v = self.project_kv(x) if kv is None else kv
@@ -349,3 +321,54 @@ class MultiHeadAttention(nn.Module):
         else:
             out = fused_attention(q, k, v, mask)
         return self._project_out(out)
+
+    def decode_self(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        cache: dict,
+        index: jax.Array,
+        history: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict]:
+        """Self-attention of new decoder positions: writes their keys and values into the
+        cache at ``index ..``, then attends over it (no dropout).
+
+        Args:
+          x: ``[R, T, D]`` the new positions' inputs.
+          mask: ``[B or 1, 1, T, L]`` bool: which cache slots each new position sees.
+          cache: ``init_cache``'s ``{'k', 'v'}`` ``[R, H, L, K]``.
+          index: where the T new positions go.
+          history: optional ``[R, L]`` int32: row r attends to slot l of row ``history[r, l]``
+            (beams sharing a sentence's cache: slots are written once and never move, and each
+            hypothesis reads its ancestors' slots, so no search copies the cache to follow its
+            beams). None: each row reads its own.
+
+        Returns:
+          ``([R, T, D]``, the cache with the new keys and values written).
+        """
+        k_new, v_new = self.project_kv_cache(x)  # [R, H, T, K]
+        start = (0, 0, index, 0)
+        cache = {
+            name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), start)
+            for name, new in (("k", k_new), ("v", v_new))
+        }
+        k, v = cache["k"], cache["v"]
+        if history is not None:  # [R, H, L, K]: row history[r, l]'s slot l, every head.
+            heads = jnp.arange(k.shape[1])[None, :, None]
+            slots = jnp.arange(k.shape[2])[None, None, :]
+            k, v = (c[history[:, None, :], heads, slots] for c in (k, v))
+        return self.attend_cache(x, k, v, mask), cache
+
+    def decode_cross(self, x: jax.Array, mask: jax.Array, cache: dict) -> jax.Array:
+        """Encoder-decoder attention of new decoder positions over ``init_memory_cache``'s
+        read-only ``{'k', 'v'}`` ``[B, H, S, K]`` (no dropout).
+
+        Args:
+          x: ``[R, T, D]`` (R = B * W rows with W beams, see ``attend_cache``).
+          mask: ``[B, 1, 1, S]`` bool: the source's padding.
+          cache: the memory's keys and values.
+
+        Returns:
+          ``[R, T, D]``.
+        """
+        return self.attend_cache(x, cache["k"], cache["v"], mask)
