@@ -23,7 +23,7 @@ from flax import linen as nn
 from model.attention import MultiHeadAttention
 from model.config import TransformerConfig
 from model.dropout import Dropout
-from model.layers import FeedForward, LayerNorm, layer_norm
+from model.layers import FeedForward, layer_norm
 from model.stacks import layer_stack, run_stack, unstacked
 
 
@@ -36,7 +36,7 @@ class _Sublayers(nn.Module):
 
     config: TransformerConfig
 
-    def pre(self, x: jax.Array, norm: LayerNorm) -> jax.Array:
+    def pre(self, x: jax.Array, norm: nn.LayerNorm) -> jax.Array:
         return norm(x) if self.config.norm == "pre" else x
 
     def residual(self, x, out, norm, deterministic: bool) -> jax.Array:
