@@ -17,13 +17,14 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from model import Transformer, TransformerConfig, shift_right
 from model.sharding import batch_sharding
 from training.objectives import mlm_mask
 from training.state import TrainState
 
-# Ids below this are padding, EOS, BOS and UNK (data/tokenizer.py): never masked by the MLM.
-FIRST_REGULAR_ID = 4
+# Ids below this are padding, EOS, BOS and UNK: never masked by the MLM.
+FIRST_REGULAR_ID = max(PAD_ID, EOS_ID, BOS_ID, UNK_ID) + 1
 
 
 def token_losses(
