@@ -7,8 +7,8 @@ import pytest
 from flax import linen as nn
 
 from model import Transformer, TransformerConfig, attention_maps, make_mesh, use_mesh
+from model.embedding import token_losses
 from model.sharding import batch_sharding, logical_to_sharding
-from training.step import token_losses
 
 CFG = TransformerConfig.tiny(64, num_encoder_layers=3, num_decoder_layers=2, max_positions=32)
 
@@ -118,9 +118,8 @@ def test_a_bad_remat_value_names_the_field():
 
 @pytest.mark.parametrize("dtype, atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
 def test_the_fused_output_loss_and_low_precision_matmuls_match_autodiff(dtype, atol):
-    """training.step.output_losses and model.layers.matmul write their own backward passes."""
-    from model.layers import matmul
-    from training.step import output_losses
+    """model.layers.output_losses and model.layers.matmul write their own backward passes."""
+    from model.layers import matmul, output_losses
 
     rng = np.random.default_rng(0)
     y = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
