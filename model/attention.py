@@ -29,8 +29,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from model.config import TransformerConfig
-from model.dropout import bernoulli
-from model.layers import matmul
+from model.tricks import attention_probs, bernoulli, large_negative, matmul, softmax_attention
 
 _log = logging.getLogger(__name__)
 
@@ -65,19 +64,6 @@ def attention_mask(
     return mask
 
 
-def _large_negative(dtype) -> jax.Array:
-    # The value jax.nn.dot_product_attention uses, so both paths agree on fully masked rows.
-    return jnp.asarray(-0.7 * jnp.finfo(dtype).max, dtype)
-
-
-def _attention_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(K)) over S where ``mask`` allows: ``[B, H, T, S]`` float32."""
-    logits = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32)
-    logits *= jnp.asarray(q.shape[-1] ** -0.5, jnp.float32)
-    logits = jnp.where(mask, logits, _large_negative(jnp.float32))
-    return jax.nn.softmax(logits, axis=-1)
-
-
 def einsum_attention(
     q: jax.Array,
     k: jax.Array,
@@ -95,7 +81,7 @@ def einsum_attention(
     Returns:
       ``([B, T, H, K]`` outputs, ``[B, H, T, S]`` float32 attention probabilities).
     """
-    probs = _attention_probs(q, k, mask)
+    probs = attention_probs(q, k, mask)
     dropped = probs
     if dropout_rate > 0.0:
         keep = bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
@@ -118,58 +104,12 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
     return softmax_attention(q, k, v, mask)
 
 
-@jax.custom_vjp
-def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """``einsum_attention``'s output, with the backward pass of flash attention written out.
-
-    The forward is ``jax.nn.dot_product_attention``'s XLA path: float32 scores and softmax,
-    probabilities rounded to the inputs' dtype for the product with the values. The backward
-    is FlashAttention-2's: ``dS = P * (dP - rowsum(P * dP))``, masked, in the inputs' dtype for
-    the two matmuls that take it (float32 accumulation), as mixed precision does everywhere
-    else. Differentiating the forward as written runs the softmax's gradient through its
-    division and the dQ/dK products in float32: a self-attention block of the probe model
-    (``bench/train_speed.py``) took 9.3 ms forward and backward in bf16 that way against 5.7
-    here (2-core Intel Xeon with AMX).
-
-    Args:
-      q: ``[B, T, H, K]`` queries. k, v: ``[B, S, H, K]``. mask: ``[B or 1, 1, T, S]`` bool.
-
-    Returns:
-      ``[B, T, H, K]`` in ``v``'s dtype.
-    """
-    return _softmax_attention_fwd(q, k, v, mask)[0]
-
-
-def _softmax_attention_fwd(q, k, v, mask):
-    probs = _attention_probs(q, k, mask).astype(v.dtype)
-    out = jnp.einsum("bhts,bshk->bthk", probs, v, preferred_element_type=jnp.float32)
-    return out.astype(v.dtype), (q, k, v, mask, probs)
-
-
-def _softmax_attention_bwd(residuals, d_out):
-    q, k, v, mask, probs = residuals
-    d_out = d_out.astype(v.dtype)
-    dv = jnp.einsum("bhts,bthk->bshk", probs, d_out, preferred_element_type=jnp.float32)
-    dp = jnp.einsum("bthk,bshk->bhts", d_out, v, preferred_element_type=jnp.float32)
-    p = probs.astype(jnp.float32)
-    # Masked scores were replaced by a constant: no gradient reaches them.
-    ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)) * (q.shape[-1] ** -0.5)
-    ds = jnp.where(mask, ds, 0.0).astype(q.dtype)
-    dq = jnp.einsum("bhts,bshk->bthk", ds, k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bhts,bthk->bshk", ds, q, preferred_element_type=jnp.float32)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
-
-
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Attention of a few new queries over head-major cached keys and values (decoding).
 
     On CPU, XLA runs the ``[B, T, H, K] x [B, S, H, K]`` layout of ``einsum_attention`` as one
     transpose of the whole cache plus one tiny matmul per (row, head); with the cache kept
-    head-major the einsums read it in place (about 9x faster per decoder step, measured at 340
-    rows x 98 positions).
+    head-major the einsums read it in place (timings: ``bench/HISTORY.md``).
 
     Args:
       q: ``[B, T, H, K]`` queries. k, v: ``[B, H, S, K]``. mask: ``[B or 1, 1, T, S]`` bool.
@@ -183,7 +123,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     q = jnp.swapaxes(q, 1, 2)  # [B, H, T, K]
     logits = jnp.einsum("bhtk,bhsk->bhts", q, k, preferred_element_type=jnp.float32)
     logits *= jnp.asarray(q.shape[-1] ** -0.5, jnp.float32)
-    logits = jnp.where(mask, logits, _large_negative(jnp.float32))
+    logits = jnp.where(mask, logits, large_negative(jnp.float32))
     probs = jax.nn.softmax(logits, axis=-1)
     return jnp.swapaxes(jnp.einsum("bhts,bhsk->bhtk", probs.astype(v.dtype), v), 1, 2)
 

@@ -17,7 +17,8 @@ from flax import linen as nn
 
 from model.config import TransformerConfig
 from model.dropout import Dropout
-from model.layers import matmul, output_losses, sinusoidal_positions
+from model.layers import sinusoidal_positions
+from model.tricks import in_reference_mode, matmul, output_losses
 
 
 def token_losses(
@@ -122,8 +123,8 @@ class Embed(nn.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """``token_losses(self.attend(y), targets, label_smoothing)``: the training loss.
 
-        Computed by ``model.layers.output_losses`` (the same values up to float rounding, with
-        its backward pass written out).
+        Computed by ``model.tricks.output_losses`` (the same values up to float rounding, with
+        its backward pass written out), or as written in reference mode.
 
         Args:
           y: ``[B, T, D]`` final features (a model's ``features_only=True`` output).
@@ -133,6 +134,8 @@ class Embed(nn.Module):
         Returns:
           ``(smoothed [B, T], nll [B, T])``, float32.
         """
+        if in_reference_mode():
+            return token_losses(self.attend(y), targets, label_smoothing)
         bias = self.logits_bias if self.config.logits_bias else None
         return output_losses(
             y, self.embedding, bias, targets, label_smoothing, self.config.compute_dtype

@@ -9,8 +9,9 @@ import pytest
 from flax import linen as nn
 
 from model import Transformer, TransformerConfig, attention_maps, shift_right
-from model.attention import einsum_attention, fused_attention, softmax_attention
+from model.attention import einsum_attention, fused_attention
 from model.layers import sinusoidal_positions
+from model.tricks import softmax_attention
 from tests import reference_numpy
 
 VOCAB = 50
@@ -205,7 +206,9 @@ def _attention_grads(attend, q, k, v, mask, cotangent):
 
 def test_softmax_attention_gradients_equal_autodiff_of_einsum_attention():
     """The hand-written backward pass, in float32, with a causal mask, padding and a query row
-    whose keys are all masked (its uniform weights still pass gradient to the values)."""
+    whose keys are all masked (its uniform weights still pass gradient to the values): a case
+    the whole-model test (tests/test_reference_mode.py) cannot reach, since no loss reads such
+    a row."""
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.normal(size=(2, 6, 3, 4)), jnp.float32) for _ in range(3))
     mask = jnp.asarray(rng.random((2, 1, 6, 6)) > 0.3) & jnp.tril(jnp.ones((6, 6), bool))
@@ -219,29 +222,6 @@ def test_softmax_attention_gradients_equal_autodiff_of_einsum_attention():
     for got, want in zip(ours, autodiff, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
     assert float(jnp.max(jnp.abs(ours[2][0]))) > 0  # the values get gradient from every row
-
-
-def test_softmax_attention_bf16_gradients_are_as_accurate_as_autodiff():
-    """In bf16 the backward pass rounds dS to bf16 for its two matmuls (mixed precision); its
-    gradients must stay within 1.25x the error of differentiating the forward as written, both
-    measured against float32."""
-    rng = np.random.default_rng(1)
-    q, k, v = (jnp.asarray(rng.normal(size=(4, 16, 2, 8)), jnp.float32) for _ in range(3))
-    mask = jnp.asarray(rng.random((4, 1, 16, 16)) > 0.2).at[:, :, :, 0].set(True)
-    cotangent = jnp.asarray(rng.normal(size=(4, 16, 2, 8)), jnp.float32)
-    exact = _attention_grads(lambda *a: einsum_attention(*a)[0], q, k, v, mask, cotangent)
-    low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-    ours = _attention_grads(softmax_attention, *low, mask, cotangent)
-    autodiff = _attention_grads(lambda *a: einsum_attention(*a)[0], *low, mask, cotangent)
-
-    def error(grads):
-        return [
-            float(jnp.linalg.norm(g.astype(jnp.float32) - e) / jnp.linalg.norm(e))
-            for g, e in zip(grads, exact, strict=True)
-        ]
-
-    for ours_err, autodiff_err in zip(error(ours), error(autodiff), strict=True):
-        assert ours_err < max(1.25 * autodiff_err, 1e-3), (ours_err, autodiff_err)
 
 
 def test_shift_right_puts_bos_at_every_segment_start():
