@@ -87,7 +87,7 @@ def loss_sums(model, params, batch, bos_id: int, label_smoothing: float, rng, *,
 
     Returns:
       ``(summed smoothed loss, (summed NLL, scored token count))``, float32 scalars; with
-      ``predict``, a third element: the count of right predictions.
+      ``predict``, a third element: the int32 count of right predictions.
     """
     args, kwargs, targets = _model_inputs(model, batch, bos_id, rng)
     loss, nll, predicted = model.apply(
@@ -101,7 +101,7 @@ def loss_sums(model, params, batch, bos_id: int, label_smoothing: float, rng, *,
     )
     weights = (targets > 0).astype(jnp.float32)
     sums = jnp.sum(loss * weights), (jnp.sum(nll * weights), jnp.sum(weights))
-    return (*sums, jnp.sum((predicted == targets) * weights)) if predict else sums
+    return (*sums, jnp.sum((predicted == targets) & (targets > 0))) if predict else sums
 
 
 def make_train_step(
