@@ -29,8 +29,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from model.config import TransformerConfig
-from model.dropout import bernoulli
-from model.layers import matmul
+from model.tricks import attention_probs, bernoulli, large_negative, matmul, softmax_attention
 
 _log = logging.getLogger(__name__)
 
@@ -65,19 +64,6 @@ def attention_mask(
     return mask
 
 
-def _large_negative(dtype) -> jax.Array:
-    # The value jax.nn.dot_product_attention uses, so both paths agree on fully masked rows.
-    return jnp.asarray(-0.7 * jnp.finfo(dtype).max, dtype)
-
-
-def _attention_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(K)) over S where ``mask`` allows: ``[B, H, T, S]`` float32."""
-    logits = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32)
-    logits *= jnp.asarray(q.shape[-1] ** -0.5, jnp.float32)
-    logits = jnp.where(mask, logits, _large_negative(jnp.float32))
-    return jax.nn.softmax(logits, axis=-1)
-
-
 def einsum_attention(
     q: jax.Array,
     k: jax.Array,
@@ -95,7 +81,7 @@ def einsum_attention(
     Returns:
       ``([B, T, H, K]`` outputs, ``[B, H, T, S]`` float32 attention probabilities).
     """
-    probs = _attention_probs(q, k, mask)
+    probs = attention_probs(q, k, mask)
     dropped = probs
     if dropout_rate > 0.0:
         keep = bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
@@ -118,58 +104,12 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
     return softmax_attention(q, k, v, mask)
 
 
-@jax.custom_vjp
-def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """``einsum_attention``'s output, with the backward pass of flash attention written out.
-
-    The forward is ``jax.nn.dot_product_attention``'s XLA path: float32 scores and softmax,
-    probabilities rounded to the inputs' dtype for the product with the values. The backward
-    is FlashAttention-2's: ``dS = P * (dP - rowsum(P * dP))``, masked, in the inputs' dtype for
-    the two matmuls that take it (float32 accumulation), as mixed precision does everywhere
-    else. Differentiating the forward as written runs the softmax's gradient through its
-    division and the dQ/dK products in float32: a self-attention block of the probe model
-    (``bench/train_speed.py``) took 9.3 ms forward and backward in bf16 that way against 5.7
-    here (2-core Intel Xeon with AMX).
-
-    Args:
-      q: ``[B, T, H, K]`` queries. k, v: ``[B, S, H, K]``. mask: ``[B or 1, 1, T, S]`` bool.
-
-    Returns:
-      ``[B, T, H, K]`` in ``v``'s dtype.
-    """
-    return _softmax_attention_fwd(q, k, v, mask)[0]
-
-
-def _softmax_attention_fwd(q, k, v, mask):
-    probs = _attention_probs(q, k, mask).astype(v.dtype)
-    out = jnp.einsum("bhts,bshk->bthk", probs, v, preferred_element_type=jnp.float32)
-    return out.astype(v.dtype), (q, k, v, mask, probs)
-
-
-def _softmax_attention_bwd(residuals, d_out):
-    q, k, v, mask, probs = residuals
-    d_out = d_out.astype(v.dtype)
-    dv = jnp.einsum("bhts,bthk->bshk", probs, d_out, preferred_element_type=jnp.float32)
-    dp = jnp.einsum("bthk,bshk->bhts", d_out, v, preferred_element_type=jnp.float32)
-    p = probs.astype(jnp.float32)
-    # Masked scores were replaced by a constant: no gradient reaches them.
-    ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)) * (q.shape[-1] ** -0.5)
-    ds = jnp.where(mask, ds, 0.0).astype(q.dtype)
-    dq = jnp.einsum("bhts,bshk->bthk", ds, k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bhts,bthk->bshk", ds, q, preferred_element_type=jnp.float32)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
-
-
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Attention of a few new queries over head-major cached keys and values (decoding).
 
     On CPU, XLA runs the ``[B, T, H, K] x [B, S, H, K]`` layout of ``einsum_attention`` as one
     transpose of the whole cache plus one tiny matmul per (row, head); with the cache kept
-    head-major the einsums read it in place (about 9x faster per decoder step, measured at 340
-    rows x 98 positions).
+    head-major the einsums read it in place (timings: ``bench/HISTORY.md``).
 
     Args:
       q: ``[B, T, H, K]`` queries. k, v: ``[B, H, S, K]``. mask: ``[B or 1, 1, T, S]`` bool.
@@ -183,7 +123,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     q = jnp.swapaxes(q, 1, 2)  # [B, H, T, K]
     logits = jnp.einsum("bhtk,bhsk->bhts", q, k, preferred_element_type=jnp.float32)
     logits *= jnp.asarray(q.shape[-1] ** -0.5, jnp.float32)
-    logits = jnp.where(mask, logits, _large_negative(jnp.float32))
+    logits = jnp.where(mask, logits, large_negative(jnp.float32))
     probs = jax.nn.softmax(logits, axis=-1)
     return jnp.swapaxes(jnp.einsum("bhts,bhsk->bhtk", probs.astype(v.dtype), v), 1, 2)
 
@@ -274,7 +214,7 @@ class MultiHeadAttention(nn.Module):
 
     def init_cache(self, batch: int, length: int) -> dict:
         """An empty self-attention cache for ``length`` positions: ``{'k', 'v'}`` zeros
-        ``[B, H, L, K]`` in the compute dtype, filled by calls with ``index``."""
+        ``[B, H, L, K]`` in the compute dtype, filled by ``decode_self``."""
         cfg = self.config
         zeros = jnp.zeros((batch, cfg.num_heads, length, cfg.head_dim), cfg.compute_dtype)
         return {"k": zeros, "v": zeros}
@@ -291,51 +231,23 @@ class MultiHeadAttention(nn.Module):
         mask: jax.Array,
         *,
         kv: tuple[jax.Array, jax.Array] | None = None,
-        cache: dict | None = None,
-        index: jax.Array | None = None,
-        history: jax.Array | None = None,
         deterministic: bool = True,
-    ) -> jax.Array | tuple[jax.Array, dict]:
-        """Attends from ``x`` to ``kv`` (default: self-attention over ``x``), or to a cache.
+    ) -> jax.Array:
+        """Attends from ``x`` to ``kv`` (default: self-attention over ``x``), as in training.
+
+        Decoding, with a cache, goes through ``decode_self`` and ``decode_cross`` instead.
 
         Args:
-          x: ``[B, T, D]`` query-side inputs (``[R, T, D]`` when decoding, see ``attend_cache``).
-          mask: ``[B, 1, T, S]`` bool; with a cache ``[B or 1, 1, T, L]``.
-          kv: precomputed ``([B, S, H, K], [B, S, H, K])`` keys and values (the encoder
-            memory's, computed once per sentence).
-          cache: decoding mode. ``init_cache``'s self-attention cache, which this call extends
-            with the keys and values of ``x`` at positions ``index ..`` before attending; or
-            ``init_memory_cache``'s, read as it is when ``index`` is None. No dropout.
-          index: where the T new positions go in a self-attention cache.
-          history: with a self-attention cache, optional ``[R, L]`` int32: row r attends to
-            slot l of row ``history[r, l]`` (beams sharing a sentence's cache: slots are
-            written once and never move, and each hypothesis reads its ancestors' slots, so
-            no search copies the cache to follow its beams). None: each row reads its own.
+          x: ``[B, T, D]`` query-side inputs.
+          mask: ``[B, 1, T, S]`` bool.
+          kv: precomputed ``([B, S, H, K], [B, S, H, K])`` keys and values (``project_kv`` of
+            the encoder memory, for encoder-decoder attention); None: ``project_kv(x)``.
           deterministic: disables attention dropout.
 
         Returns:
-          ``[B, T, D]``, or with a cache ``([R, T, D], cache)``. When the ``intermediates``
-          collection is mutable (and no cache is passed), also sows the float32 probabilities
-          ``[B, H, T, S]`` as ``attention_weights``.
+          ``[B, T, D]``. When the ``intermediates`` collection is mutable, also sows the
+          float32 probabilities ``[B, H, T, S]`` as ``attention_weights``.
         """
-        if cache is not None:
-            if index is not None:
-                k_new, v_new = self.project_kv_cache(x)  # [R, H, T, K]
-                start = (0, 0, index, 0)
-                cache = {
-                    "k": jax.lax.dynamic_update_slice(
-                        cache["k"], k_new.astype(cache["k"].dtype), start
-                    ),
-                    "v": jax.lax.dynamic_update_slice(
-                        cache["v"], v_new.astype(cache["v"].dtype), start
-                    ),
-                }
-            k, v = cache["k"], cache["v"]
-            if history is not None:  # [R, H, L, K]: row history[r, l]'s slot l, every head.
-                heads = jnp.arange(k.shape[1])[None, :, None]
-                slots = jnp.arange(k.shape[2])[None, None, :]
-                k, v = (c[history[:, None, :], heads, slots] for c in (k, v))
-            return self.attend_cache(x, k, v, mask), cache
         cfg = self.config
         q = self._heads(x, self.query, "query_bias")
         k, v = self.project_kv(x) if kv is None else kv
@@ -349,3 +261,54 @@ class MultiHeadAttention(nn.Module):
         else:
             out = fused_attention(q, k, v, mask)
         return self._project_out(out)
+
+    def decode_self(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        cache: dict,
+        index: jax.Array,
+        history: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict]:
+        """Self-attention of new decoder positions: writes their keys and values into the
+        cache at ``index ..``, then attends over it (no dropout).
+
+        Args:
+          x: ``[R, T, D]`` the new positions' inputs.
+          mask: ``[B or 1, 1, T, L]`` bool: which cache slots each new position sees.
+          cache: ``init_cache``'s ``{'k', 'v'}`` ``[R, H, L, K]``.
+          index: where the T new positions go.
+          history: optional ``[R, L]`` int32: row r attends to slot l of row ``history[r, l]``
+            (beams sharing a sentence's cache: slots are written once and never move, and each
+            hypothesis reads its ancestors' slots, so no search copies the cache to follow its
+            beams). None: each row reads its own.
+
+        Returns:
+          ``([R, T, D]``, the cache with the new keys and values written).
+        """
+        k_new, v_new = self.project_kv_cache(x)  # [R, H, T, K]
+        start = (0, 0, index, 0)
+        cache = {
+            name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), start)
+            for name, new in (("k", k_new), ("v", v_new))
+        }
+        k, v = cache["k"], cache["v"]
+        if history is not None:  # [R, H, L, K]: row history[r, l]'s slot l, every head.
+            heads = jnp.arange(k.shape[1])[None, :, None]
+            slots = jnp.arange(k.shape[2])[None, None, :]
+            k, v = (c[history[:, None, :], heads, slots] for c in (k, v))
+        return self.attend_cache(x, k, v, mask), cache
+
+    def decode_cross(self, x: jax.Array, mask: jax.Array, cache: dict) -> jax.Array:
+        """Encoder-decoder attention of new decoder positions over ``init_memory_cache``'s
+        read-only ``{'k', 'v'}`` ``[B, H, S, K]`` (no dropout).
+
+        Args:
+          x: ``[R, T, D]`` (R = B * W rows with W beams, see ``attend_cache``).
+          mask: ``[B, 1, 1, S]`` bool: the source's padding.
+          cache: the memory's keys and values.
+
+        Returns:
+          ``[R, T, D]``.
+        """
+        return self.attend_cache(x, cache["k"], cache["v"], mask)

@@ -23,7 +23,7 @@ from flax import linen as nn
 from model.attention import MultiHeadAttention
 from model.config import TransformerConfig
 from model.dropout import Dropout
-from model.layers import FeedForward, LayerNorm, layer_norm
+from model.layers import FeedForward, layer_norm
 from model.stacks import layer_stack, run_stack, unstacked
 
 
@@ -36,7 +36,7 @@ class _Sublayers(nn.Module):
 
     config: TransformerConfig
 
-    def pre(self, x: jax.Array, norm: LayerNorm) -> jax.Array:
+    def pre(self, x: jax.Array, norm: nn.LayerNorm) -> jax.Array:
         return norm(x) if self.config.norm == "pre" else x
 
     def residual(self, x, out, norm, deterministic: bool) -> jax.Array:
@@ -142,20 +142,18 @@ class DecoderLayer(_Sublayers):
             ``{'k', 'v'}`` ``[B, H, S, K]``.
           index: where the T new positions go in the cache.
           history: optional ``[R, L]`` int32: the row whose self-attention slot l each row
-            reads (None: its own; see ``MultiHeadAttention.__call__``).
+            reads (None: its own; see ``MultiHeadAttention.decode_self``).
 
         Returns:
           ``([R, T, D]`` outputs, the cache with the new keys and values written).
         """
         h = self.pre(y, self.norm_self)
-        a, self_cache = self.self_attention(
-            h, self_mask, cache=cache["self"], index=index, history=history
-        )
+        a, self_cache = self.self_attention.decode_self(h, self_mask, cache["self"], index, history)
         y = self.residual(y, a, self.norm_self, True)
         cache = {**cache, "self": self_cache}
         if self.cross:
             h = self.pre(y, self.norm_cross)
-            a, _ = self.cross_attention(h, cross_mask, cache=cache["cross"])
+            a = self.cross_attention.decode_cross(h, cross_mask, cache["cross"])
             y = self.residual(y, a, self.norm_cross, True)
         h = self.pre(y, self.norm_ff)
         return self.residual(y, self.feed_forward(h), self.norm_ff, True), cache

@@ -55,7 +55,7 @@ class DecoderOnlyLM(nn.Module):
             0, 1, ... within each example).
           deterministic: disables dropout.
           features_only: return the final features ``[B, T, D]`` before the output projection
-            (the training loss applies it itself).
+            (the training loss applies it itself, ``Embed.losses``).
         """
         if segments is not None:
             valid = segments != 0

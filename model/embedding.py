@@ -1,9 +1,10 @@
-"""Token embedding plus positions, and the tied output projection (sections 3.4 and 3.5).
+"""Token embedding plus positions, the tied output head and its loss (sections 3.4, 3.5, 5.4).
 
 One module holds the embedding matrix shared by the encoder input, the decoder input and the
 pre-softmax projection, so every model of the family (``Transformer``, ``DecoderOnlyLM``,
-``EncoderOnly``) embeds and projects the same way. Shapes: B batch, T length, D model, V
-vocabulary.
+``EncoderOnly``) embeds and projects the same way: ``Embed.attend`` is the one place the logits
+are written, and ``Embed.losses`` the training loss over them (``training.step`` calls it
+through the model). Shapes: B batch, T length, D model, V vocabulary.
 """
 
 from __future__ import annotations
@@ -16,7 +17,31 @@ from flax import linen as nn
 
 from model.config import TransformerConfig
 from model.dropout import Dropout
-from model.layers import matmul, sinusoidal_positions
+from model.layers import sinusoidal_positions
+from model.tricks import in_reference_mode, matmul, output_losses
+
+
+def token_losses(
+    logits: jax.Array, targets: jax.Array, label_smoothing: float
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token label-smoothed cross-entropy and plain negative log-likelihood.
+
+    Label smoothing as in section 5.4 (Szegedy et al.): the target distribution puts
+    ``1 - eps`` on the reference token and spreads ``eps`` uniformly over the whole vocabulary
+    (``optax.smooth_labels``), written without materialising the one-hot matrix.
+
+    Args:
+      logits: ``[B, T, V]`` float32.
+      targets: ``[B, T]`` int ids.
+      label_smoothing: eps.
+
+    Returns:
+      ``(smoothed [B, T], nll [B, T])``, float32.
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    uniform = -jnp.mean(logp, axis=-1)
+    return (1.0 - label_smoothing) * nll + label_smoothing * uniform, nll
 
 
 class Embed(nn.Module):
@@ -92,3 +117,26 @@ class Embed(nn.Module):
         if cfg.logits_bias:
             logits = logits + self.logits_bias.astype(jnp.float32)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+    def losses(
+        self, y: jax.Array, targets: jax.Array, label_smoothing: float
+    ) -> tuple[jax.Array, jax.Array]:
+        """``token_losses(self.attend(y), targets, label_smoothing)``: the training loss.
+
+        Computed by ``model.tricks.output_losses`` (the same values up to float rounding, with
+        its backward pass written out), or as written in reference mode.
+
+        Args:
+          y: ``[B, T, D]`` final features (a model's ``features_only=True`` output).
+          targets: ``[B, T]`` int ids each position predicts (any id; the caller weights).
+          label_smoothing: eps.
+
+        Returns:
+          ``(smoothed [B, T], nll [B, T])``, float32.
+        """
+        if in_reference_mode():
+            return token_losses(self.attend(y), targets, label_smoothing)
+        bias = self.logits_bias if self.config.logits_bias else None
+        return output_losses(
+            y, self.embedding, bias, targets, label_smoothing, self.config.compute_dtype
+        )

@@ -22,7 +22,8 @@ from model.attention import attention_mask
 from model.blocks import Encoder
 from model.config import TransformerConfig
 from model.embedding import Embed
-from model.layers import ACTIVATIONS, layer_norm, matmul
+from model.layers import ACTIVATIONS, layer_norm
+from model.tricks import matmul
 
 
 def model_vocab_size(architecture: str, tokenizer_vocab_size: int) -> int:

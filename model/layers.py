@@ -1,4 +1,4 @@
-"""Building blocks: the low-precision matmul, sinusoidal positions, feed-forward, LayerNorm.
+"""Building blocks: sinusoidal positions, feed-forward, LayerNorm.
 
 Shapes follow the legend in ``model/attention.py``: B batch, T length, D model, F feed-forward,
 V vocabulary.
@@ -6,62 +6,14 @@ V vocabulary.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
 from model.config import TransformerConfig
-
-
-def matmul(equation: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """Einsum with inputs cast to the compute ``dtype`` and float32 accumulation.
-
-    Accumulating in float32 keeps bf16 training accurate, and on CPU it is also what makes bf16
-    matmuls fast (a plain bf16 x bf16 -> bf16 dot gains almost nothing there). In a lower
-    precision the backward pass runs in it too: the float32 cotangent of the result is cast to
-    ``dtype`` before the two gradient matmuls (which again accumulate in float32), as mixed
-    precision training does; differentiating the einsum as written would instead multiply a
-    float32 cotangent by a bf16 operand, which XLA runs as a float32 matmul (2.5x slower on a
-    CPU with bf16 units, measured on the FFN of the default model).
-
-    Returns:
-      The float32 result; callers cast it back once their bias/residual arithmetic is done.
-    """
-    dtype = jnp.dtype(dtype)
-    if dtype == jnp.float32:
-        return jnp.einsum(equation, x, w, preferred_element_type=jnp.float32)
-    return _low_precision_matmul(equation, dtype, x.dtype, w.dtype, x, w)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _low_precision_matmul(equation, dtype, x_dtype, w_dtype, x, w):
-    return jnp.einsum(
-        equation, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32
-    )
-
-
-def _low_precision_matmul_fwd(equation, dtype, x_dtype, w_dtype, x, w):
-    x, w = x.astype(dtype), w.astype(dtype)  # kept for the backward pass in ``dtype``
-    return jnp.einsum(equation, x, w, preferred_element_type=jnp.float32), (x, w)
-
-
-def _low_precision_matmul_bwd(equation, dtype, x_dtype, w_dtype, residuals, g):
-    # For "A,B->C" (every index in two of the three terms, as in all of this project's
-    # einsums): dA = "C,B->A"(g, w) and dB = "A,C->B"(x, g).
-    x, w = residuals
-    inputs, out = equation.split("->")
-    a, b = inputs.split(",")
-    g = g.astype(dtype)
-    dx = jnp.einsum(f"{out},{b}->{a}", g, w, preferred_element_type=jnp.float32)
-    dw = jnp.einsum(f"{a},{out}->{b}", x, g, preferred_element_type=jnp.float32)
-    return dx.astype(x_dtype), dw.astype(w_dtype)
-
-
-_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+from model.tricks import matmul
 
 
 def sinusoidal_positions(
@@ -138,79 +90,15 @@ class FeedForward(nn.Module):
         return y.astype(cfg.compute_dtype)
 
 
-def layer_norm(config: TransformerConfig, name: str | None = None) -> LayerNorm:
-    """LayerNorm over D with learned scale and bias; statistics in float32."""
-    return LayerNorm(
+def layer_norm(config: TransformerConfig, name: str | None = None) -> nn.LayerNorm:
+    """Flax's LayerNorm over D, with learned ``scale`` and ``bias [D]`` (logical axis
+    ``embed``); statistics in float32, output in the compute dtype."""
+    boxed = nn.with_logical_partitioning
+    return nn.LayerNorm(
         epsilon=config.layer_norm_epsilon,
         dtype=config.compute_dtype,
         param_dtype=config.params_dtype,
+        scale_init=boxed(nn.initializers.ones_init(), ("embed",)),
+        bias_init=boxed(nn.initializers.zeros_init(), ("embed",)),
         name=name,
     )
-
-
-class LayerNorm(nn.Module):
-    """``flax.linen.LayerNorm`` over the last axis (same parameters, same outputs bit for bit)
-    with its backward pass written out (``normalize``).
-
-    Attributes:
-      epsilon: added to the variance.
-      dtype: the output dtype (the compute dtype).
-      param_dtype: the dtype of ``scale`` and ``bias``.
-    """
-
-    epsilon: float
-    dtype: jnp.dtype
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        d = x.shape[-1]
-        boxed = nn.with_logical_partitioning
-        ones, zeros = nn.initializers.ones_init(), nn.initializers.zeros_init()
-        scale = self.param("scale", boxed(ones, ("embed",)), (d,), self.param_dtype)
-        bias = self.param("bias", boxed(zeros, ("embed",)), (d,), self.param_dtype)
-        return normalize(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def normalize(
-    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: jnp.dtype
-) -> jax.Array:
-    """``(x - mean) / sqrt(var + epsilon) * scale + bias`` over the last axis, as Flax computes
-    it (float32 statistics, ``var = E[x^2] - E[x]^2`` clipped at 0), returned in ``dtype``.
-
-    Differentiated as written, the statistics' chain rule becomes a dozen small elementwise
-    passes and reductions over ``[B, T, D]`` per LayerNorm; the closed form
-    ``dx = r (g - mean(g) - x_hat mean(g x_hat))`` with ``g = dy * scale`` and
-    ``r = 1 / sqrt(var + epsilon)`` takes two reductions.
-    A small gain, measured: the probe's bf16 train step (``bench/train_speed.py``) 1% faster
-    on a 2-core AMD EPYC with AVX512-BF16 (0.334 -> 0.331 s), 1-2% on an Intel Xeon with AMX.
-
-    Args:
-      x: ``[..., D]``. scale, bias: ``[D]``. epsilon: added to the variance. dtype: the result's.
-    """
-    return _normalize_fwd(x, scale, bias, epsilon, dtype)[0]
-
-
-def _normalize_fwd(x, scale, bias, epsilon, dtype):
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.maximum(0.0, jnp.mean(xf * xf, axis=-1, keepdims=True) - mean * mean)
-    r = jax.lax.rsqrt(var + epsilon)
-    y = (xf - mean) * (r * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
-    return y.astype(dtype), (x, mean, r, scale, bias)
-
-
-def _normalize_bwd(epsilon, dtype, residuals, dy):
-    x, mean, r, scale, bias = residuals
-    x_hat = (x.astype(jnp.float32) - mean) * r
-    dy = dy.astype(jnp.float32)
-    rows = tuple(range(x.ndim - 1))
-    g = dy * scale.astype(jnp.float32)
-    dx = r * (g - jnp.mean(g, -1, keepdims=True) - x_hat * jnp.mean(g * x_hat, -1, keepdims=True))
-    d_scale = jnp.sum(dy * x_hat, axis=rows).astype(scale.dtype)
-    d_bias = jnp.sum(dy, axis=rows).astype(bias.dtype)
-    return dx.astype(x.dtype), d_scale, d_bias
-
-
-normalize.defvjp(_normalize_fwd, _normalize_bwd)

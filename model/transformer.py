@@ -88,7 +88,7 @@ class Transformer(nn.Module):
           src_segments, tgt_segments, tgt_positions: packing information (see ``encode``).
           deterministic: disables dropout.
           features_only: return the decoder's output ``[B, T, D]`` before the output
-            projection (the training loss applies it itself, ``training.step.output_losses``).
+            projection (the training loss applies it itself, ``Embed.losses``).
         """
         src_valid = src != 0
         # The decoder's start token may be the padding id (Marian's is), so where real target

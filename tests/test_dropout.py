@@ -1,4 +1,7 @@
-"""The fast dropout draws exactly JAX's own masks, so training results did not change."""
+"""The fast dropout draws exactly JAX's own masks, so training results did not change.
+
+The whole model's masks, with the trick and in reference mode, are compared by
+``tests/test_reference_mode.py``."""
 
 import jax
 import jax.numpy as jnp
@@ -6,11 +9,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-import model.attention
-import model.blocks
-import model.embedding
-from model import Transformer, TransformerConfig
-from model.dropout import Dropout, bernoulli, threefry_bits
+from model.dropout import Dropout
+from model.tricks import bernoulli, threefry_bits
 
 SHAPES = [(), (1,), (7,), (3, 5, 11), (2, 1, 3), (4, 64, 32)]
 
@@ -52,20 +52,3 @@ def test_dropout_equals_flax_dropout(dtype, rate):
     assert ours.dtype == theirs.dtype
     np.testing.assert_array_equal(ours, theirs)
     np.testing.assert_array_equal(Dropout(rate).apply({}, x, deterministic=True), x)
-
-
-def test_model_with_dropout_unchanged(monkeypatch):
-    """The whole model, dropout on, gives what it gave with ``flax.linen.Dropout``."""
-    cfg = TransformerConfig.tiny(64, dropout_rate=0.3, attention_dropout_rate=0.2)
-    net = Transformer(cfg)
-    src = jnp.array([[5, 6, 7, 1, 0], [8, 9, 1, 0, 0]])
-    tgt = jnp.array([[2, 8, 9, 10], [2, 11, 0, 0]])
-    variables = net.init(jax.random.key(0), src, tgt)
-    rngs = {"dropout": jax.random.key(4)}
-    ours = net.apply(variables, src, tgt, deterministic=False, rngs=rngs)
-    monkeypatch.setattr(model.blocks, "Dropout", nn.Dropout)
-    monkeypatch.setattr(model.embedding, "Dropout", nn.Dropout)
-    monkeypatch.setattr(model.attention, "bernoulli", jax.random.bernoulli)
-    theirs = net.apply(variables, src, tgt, deterministic=False, rngs=rngs)
-    np.testing.assert_array_equal(ours, theirs)
-    assert not np.allclose(ours, net.apply(variables, src, tgt))  # dropout did act

@@ -7,8 +7,8 @@ import pytest
 from flax import linen as nn
 
 from model import Transformer, TransformerConfig, attention_maps, make_mesh, use_mesh
+from model.embedding import token_losses
 from model.sharding import batch_sharding, logical_to_sharding
-from training.step import token_losses
 
 CFG = TransformerConfig.tiny(64, num_encoder_layers=3, num_decoder_layers=2, max_positions=32)
 
@@ -114,36 +114,3 @@ def test_scanned_parameters_shard_over_a_mesh():
 def test_a_bad_remat_value_names_the_field():
     with pytest.raises(ValueError, match="remat must be 'none', 'dots' or 'full', got 'some'"):
         CFG.replace(remat="some")
-
-
-@pytest.mark.parametrize("dtype, atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
-def test_the_fused_output_loss_and_low_precision_matmuls_match_autodiff(dtype, atol):
-    """training.step.output_losses and model.layers.matmul write their own backward passes."""
-    from model.layers import matmul
-    from training.step import output_losses
-
-    rng = np.random.default_rng(0)
-    y = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(16, 24)) * 0.3, jnp.float32)
-    emb = jnp.asarray(rng.normal(size=(40, 24)) * 0.3, jnp.float32)
-    bias = jnp.asarray(rng.normal(size=(40,)), jnp.float32)
-    targets = jnp.asarray(rng.integers(1, 40, (2, 5)))
-    targets = targets.at[1, 4].set(targets[0, 0])  # a repeated target: its rows add up
-    g_s, g_n = (jnp.asarray(rng.normal(size=(2, 5)), jnp.float32) for _ in range(2))
-
-    def objective(fused):
-        def f(y, w, emb, bias):
-            h = matmul("btd,df->btf", y, w, dtype if fused else jnp.float32)
-            if fused:
-                s, n = output_losses(h, emb, bias, targets, 0.1, dtype)
-            else:
-                s, n = token_losses(jnp.einsum("btd,vd->btv", h, emb) + bias, targets, 0.1)
-            return jnp.sum(g_s * s + g_n * n)  # both outputs' cotangents
-
-        return jax.value_and_grad(f, argnums=(0, 1, 2, 3))(y, w, emb, bias)
-
-    (value, grads), (ref_value, ref_grads) = objective(True), objective(False)
-    np.testing.assert_allclose(value, ref_value, rtol=atol)
-    for got, want in zip(grads, ref_grads, strict=True):
-        assert got.dtype == want.dtype
-        np.testing.assert_allclose(got, want, atol=atol * float(jnp.abs(want).max()))

@@ -20,6 +20,7 @@ import training.loop
 import training.step
 from configs.tiny import get_config
 from model import Transformer, TransformerConfig, build_model, make_mesh, use_mesh
+from model.embedding import token_losses
 from tests import multihost_worker
 from tests.conftest import REPO
 from training.average import average_checkpoints
@@ -30,7 +31,7 @@ from training.state import (
     make_optimizer,
     state_shardings,
 )
-from training.step import jit_train_step, make_train_step, token_losses, train_batch_sharding
+from training.step import jit_train_step, make_train_step, train_batch_sharding
 from workdirs import checkpoints
 
 

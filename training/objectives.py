@@ -16,8 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from model.dropout import bernoulli
 from model.encoder_only import mask_id
+from model.tricks import bernoulli
 
 MLM_RATE = 0.15
 # Of the chosen tokens: the share masked, and the share replaced by a random token (the rest
