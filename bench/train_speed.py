@@ -1,14 +1,19 @@
-"""Training throughput of the probe model, against torch.nn.Transformer in the same run.
+"""Training throughput of the probe model, against the same model in torch, in the same run.
 
 Probe: d_model 256, 4 heads, d_ff 1024, 3 + 3 layers, vocab 8,000, batches of 32 x 64 source
-and 32 x 64 target tokens. Prints the machine (CPU model, the flags that decide matmul speed,
-JAX's backend and devices, what dtype="auto" picks here), then tokens/s (source + target), the
-median of several timed windows, achieved model GFLOP/s and their share of the measured bf16
-matmul peak (measured in every window, between the steps, so that both see the same load).
-The speed ratios against torch come from the median windows, the fastest windows and window by
-window, since the machines are shared.
+and 32 x 64 target tokens, dropout 0.1 on the embeddings and residuals only; torch does the
+same work (``bench/torch_probe.py``), eager and compiled (``torch.compile``), the faster being
+"best torch". Prints the machine (CPU model, the flags that decide matmul speed, JAX's backend
+and devices, what dtype="auto" picks here) and both engines' threads, then tokens/s (source +
+target), the median of several timed windows, achieved model GFLOP/s and their share of the
+measured matmul peak of the row's dtype (measured in every window, between the steps, so that
+both see the same load). The ratios come from the median windows, the fastest windows and
+window by window, since the machines are shared. bf16 rows run only where the machine has
+bf16 matmul units (on an AVX2-only CPU bf16 is emulated: say ``--dtypes float32,bfloat16`` to
+time it anyway).
 
-    python -m bench.train_speed [--steps 10] [--repeats 5] [--no-torch] [--dtypes float32,bfloat16]
+    python -m bench.train_speed [--steps 5] [--repeats 5] [--no-torch] [--no-compile]
+                                [--dtypes float32,bfloat16]
 
 torch is a benchmark-only dependency: ``pip install torch==2.13.0``.
 """
@@ -111,53 +116,25 @@ def flax_runner(dtype: str):
     return run
 
 
-def torch_runner(autocast: bool):
-    """Builds torch.nn.Transformer with the probe's sizes; returns ``run(steps)``."""
-    import torch
-
-    torch.manual_seed(0)
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(V, D)
-            self.t = torch.nn.Transformer(D, H, LAYERS, LAYERS, F, 0.1, batch_first=True)
-
-        def forward(self, s, t):
-            mask = torch.nn.Transformer.generate_square_subsequent_mask(L)
-            y = self.t(self.emb(s) * D**0.5, self.emb(t) * D**0.5, tgt_mask=mask)
-            return y @ self.emb.weight.T
-
-    net = Net()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
-    data = batch(np.random.default_rng(0))
-    s, t = (torch.from_numpy(data[k][0]).long() for k in ("inputs", "targets"))
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits = net(s, t)
-        loss = loss_fn(logits.float().reshape(-1, V), t.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    def run(steps):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        return (time.perf_counter() - start) / steps
-
-    run(1)
-    return run
+def default_dtypes() -> list[str]:
+    """float32 everywhere, and bfloat16 where it has matmul units (what ``dtype=auto`` would
+    pick); on a CPU without them bf16 is emulated, slower than float32 and not worth timing."""
+    auto, _ = resolve_dtype("auto", cpu_flags=cpu_info()[1])
+    return ["float32"] + (["bfloat16"] if auto == "bfloat16" else [])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument(
+        "--dtypes", default=None,
+        help="comma-separated; default float32, plus bfloat16 where the machine has bf16 units",
+    )  # fmt: skip
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="torch eager only (torch.compile takes minutes)"
+    )
     parser.add_argument(
         "--default-allocator", action="store_true",
         help="leave glibc malloc as it is instead of train.py's tuning (runtime/host_memory.py)",
@@ -166,64 +143,78 @@ def main():
 
     # As train.py does, before JAX starts its backend; torch, in the same process, shares it.
     tuned = not args.default_allocator and tune_host_allocator()
+    dtypes = args.dtypes.split(",") if args.dtypes else default_dtypes()  # starts the backend
     machine = machine_line() + f"; host allocator {'tuned' if tuned else 'default'}"
     print(machine)
+    if "bfloat16" not in dtypes:
+        print("bf16 contenders skipped: no bf16 matmul units here (emulated bf16 is slower)")
     flops = train_flops_per_step(PROBE, B, L)
     tokens = 2 * B * L
-    results = {}
     # Interleave the contenders window by window so machine noise hits them alike.
-    contenders = {f"flax {d}": flax_runner(d) for d in args.dtypes.split(",")}
+    contenders = {f"flax {d}": flax_runner(d) for d in dtypes}
     if not args.no_torch:
-        contenders["torch bf16 autocast"] = torch_runner(True)
-        contenders["torch float32"] = torch_runner(False)
-    peaks = {jnp.bfloat16: [], jnp.float32: []}
+        import torch
+
+        from bench import torch_probe
+
+        torch.set_num_threads(os.cpu_count())
+        threads = f"threads: XLA {os.cpu_count()} (all cores), torch {torch.get_num_threads()}"
+        machine += f"; {threads}"
+        print(threads)
+        data, dims = batch(np.random.default_rng(0)), (D, H, F, LAYERS, V, L)
+        for d in dtypes:
+            for compiled in (False, True)[: 1 if args.no_compile else 2]:
+                name = f"torch {d} {'compiled' if compiled else 'eager'}"
+                contenders[name] = torch_probe.runner(
+                    data, dims, bf16=d == "bfloat16", compiled=compiled
+                )
+    results: dict[str, list[float]] = {}
+    peaks = {d: [] for d in dtypes}
     for _ in range(args.repeats):
         for name, run in contenders.items():
             results.setdefault(name, []).append(run(args.steps))
         # The peak is measured in every window too, under the same load as the steps.
-        for dtype, measured in peaks.items():
-            measured.append(matmul_peak(dtype))
-    peak, peak32 = (statistics.median(p) for p in peaks.values())
-    peak_line = (
-        f"matmul peak (2048^3, f32 accumulation, fastest of 5 per window, median of windows): "
-        f"bf16 {peak:.0f} GFLOP/s (windows {min(peaks[jnp.bfloat16]):.0f}-"
-        f"{max(peaks[jnp.bfloat16]):.0f}), f32 {peak32:.0f}"
+        for d, measured in peaks.items():
+            measured.append(matmul_peak(jnp.dtype(d)))
+    peak = {d: statistics.median(p) for d, p in peaks.items()}
+    peak_line = "matmul peak (2048^3, f32 accumulation, fastest of 5 per window, median): " + (
+        ", ".join(f"{d} {peak[d]:.0f} GFLOP/s" for d in dtypes)
     )
     print(peak_line)
-    header = ("implementation", "s/step", "fastest", "tokens/s", "GFLOP/s", "% bf16 peak")
-    print("{:24s} {:>8s} {:>8s} {:>10s} {:>8s} {:>11s}".format(*header))
+    header = ("implementation", "s/step", "fastest", "tokens/s", "GFLOP/s", "% of peak")
+    print("{:26s} {:>8s} {:>8s} {:>10s} {:>8s} {:>10s}".format(*header))
     rows = []
     for name, windows in results.items():
         sec = statistics.median(windows)
         gflops = flops / sec / 1e9
+        share = 100 * gflops / peak[name.split()[1]]
         print(
-            f"{name:24s} {sec:8.4f} {min(windows):8.4f} {tokens / sec:10.0f} {gflops:8.1f} "
-            f"{100 * gflops / peak:10.1f}%"
+            f"{name:26s} {sec:8.4f} {min(windows):8.4f} {tokens / sec:10.0f} {gflops:8.1f} "
+            f"{share:9.1f}%"
         )
         rows.append((name, f"{sec:.4f}", f"{min(windows):.4f}", f"{tokens / sec:,.0f}",
-                     f"{gflops:.1f}", f"{100 * gflops / peak:.1f}%"))  # fmt: skip
+                     f"{gflops:.1f}", f"{share:.1f}%"))  # fmt: skip
     ratios = []
-    # Load from other tenants comes in episodes of several windows and slows the many small
-    # ops of a 2-core XLA step more than torch's fewer, larger ones: the fastest windows and
+    # Load from other tenants comes in episodes of several windows: the fastest windows and
     # the window-by-window ratios say how much of a median ratio is the machine's noise.
-    for torch_name in ("torch bf16 autocast", "torch float32"):
-        if torch_name not in results:
+    for d in dtypes:
+        torches = {n: w for n, w in results.items() if n.startswith(f"torch {d} ")}
+        if not torches:
             continue
-        ref = results[torch_name]
-        for name, windows in results.items():
-            if name.startswith("flax"):
-                paired = [r / w for r, w in zip(ref, windows, strict=True)]
-                ratios.append(
-                    f"speed of {name} / {torch_name}: "
-                    f"{statistics.median(ref) / statistics.median(windows):.2f}x "
-                    f"(fastest windows {min(ref) / min(windows):.2f}x; window by window "
-                    f"{min(paired):.2f}-{max(paired):.2f}x)"
-                )
-                print(ratios[-1])
+        best = min(torches, key=lambda n: statistics.median(torches[n]))
+        ref, windows = torches[best], results[f"flax {d}"]
+        paired = [r / w for r, w in zip(ref, windows, strict=True)]
+        ratios.append(
+            f"speed of flax {d} / best torch {d} ({best.split()[-1]}): "
+            f"{statistics.median(ref) / statistics.median(windows):.2f}x "
+            f"(fastest windows {min(ref) / min(windows):.2f}x; window by window "
+            f"{min(paired):.2f}-{max(paired):.2f}x)"
+        )
+        print(ratios[-1])
     median = f"median of {args.repeats} windows of {args.steps} steps"
     table = markdown_table(
         ("implementation", f"s/step ({median})", "fastest window", "tokens/s", "GFLOP/s",
-         "% of the bf16 peak"), rows,
+         "% of the dtype's matmul peak"), rows,
     )  # fmt: skip
     text = "\n\n".join([machine, peak_line, table, "\n".join(f"- {r}" for r in ratios)])
     print(f"wrote {write_result('train_speed', text, argv=None)}")

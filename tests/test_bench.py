@@ -4,8 +4,11 @@ import re
 import sys
 import types
 
+import numpy as np
+
 from bench import mfu
 from bench.results import RESULTS, results_dir
+from model.layers import sinusoidal_positions
 
 
 def test_mfu_bench_reports_positive_utilisation(capsys, monkeypatch):
@@ -58,3 +61,24 @@ def test_compile_memory_bench_tables_every_setting(capsys):
     written = (results_dir() / "compile_memory.md").read_text()
     assert all(row in written for row in rows), written
     assert "- command: `python -m bench.compile_memory --presets tiny --vocab 300" in written
+
+
+def test_the_torch_probe_drops_where_the_flax_probe_drops():
+    import torch
+
+    from bench import torch_probe, train_speed
+
+    net = torch_probe.build(32, 4, 64, 2, 50, 16)
+    drops = [m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)]
+    # The embeddings' dropout, then 2 per encoder layer and 3 per decoder layer (residuals).
+    assert drops == [0.1] * (1 + 2 * 2 + 3 * 2)
+    attentions = [m for m in net.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert len(attentions) == 2 + 2 * 2 and all(a.dropout == 0.0 for a in attentions)
+    # Post-LN, one LayerNorm per sub-layer and none after either stack, as in the Flax probe.
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in net.modules()) == 2 * 2 + 3 * 2
+    np.testing.assert_array_equal(net.positions.numpy(), sinusoidal_positions(16, 32))
+    src = torch.randint(4, 50, (2, 16))
+    net.eval()  # no dropout: the same sentence gives the same logits, position by position
+    logits = net(src, src)
+    assert logits.shape == (2, 16, 50) and torch.isfinite(logits).all()
+    assert train_speed.default_dtypes()[0] == "float32"
