@@ -39,6 +39,20 @@ def default_buckets(max_tokens: int, smallest: int = 8) -> list[int]:
     return [*widths, max_tokens]
 
 
+def _checked_buckets(
+    caller: str, buckets, max_tokens: int, tokens_per_batch: int, row_multiple: int
+) -> list[int]:
+    """The sorted bucket widths (``default_buckets`` if none), the batch layout checked."""
+    if max_tokens < 2 or tokens_per_batch < 1 or row_multiple < 1:
+        raise DataError(f"{caller}: bad {max_tokens=}, {tokens_per_batch=} or {row_multiple=}")
+    buckets = sorted(buckets or default_buckets(max_tokens))
+    if buckets[-1] < max_tokens:
+        raise DataError(
+            f"largest bucket {buckets[-1]} < {max_tokens=}; expected it to cover max_tokens"
+        )
+    return buckets
+
+
 def _encode(
     texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int, cut: bool, side: str = "source"
 ):
@@ -100,15 +114,9 @@ def padded_batches(
     """
     if targets is not None and len(targets) != len(sources):
         raise DataError(f"{len(sources)} sources but {len(targets)} targets; expected equal")
-    if max_tokens < 2 or tokens_per_batch < 1 or row_multiple < 1:
-        raise DataError(
-            f"padded_batches: bad {max_tokens=}, {tokens_per_batch=} or {row_multiple=}"
-        )
-    buckets = sorted(buckets or default_buckets(max_tokens))
-    if buckets[-1] < max_tokens:
-        raise DataError(
-            f"largest bucket {buckets[-1]} < {max_tokens=}; expected it to cover max_tokens"
-        )
+    buckets = _checked_buckets(
+        "padded_batches", buckets, max_tokens, tokens_per_batch, row_multiple
+    )
     if overlong not in ("truncate", "filter"):
         raise DataError(f"padded_batches: overlong={overlong!r}; expected 'truncate' or 'filter'")
     sides = {"inputs": sources} if targets is None else {"inputs": sources, "targets": targets}
@@ -181,15 +189,9 @@ def decoding_batches(
         Batches of increasing width: ``inputs`` [R, W] int32 (ids + EOS, 0-padded; filler rows
         are all 0) and ``index`` [R] int32 (position in ``sources``, -1 for filler rows).
     """
-    if max_tokens < 2 or tokens_per_batch < 1 or row_multiple < 1:
-        raise DataError(
-            f"decoding_batches: bad {max_tokens=}, {tokens_per_batch=} or {row_multiple=}"
-        )
-    buckets = sorted(buckets or default_buckets(max_tokens))
-    if buckets[-1] < max_tokens:
-        raise DataError(
-            f"largest bucket {buckets[-1]} < {max_tokens=}; expected it to cover max_tokens"
-        )
+    buckets = _checked_buckets(
+        "decoding_batches", buckets, max_tokens, tokens_per_batch, row_multiple
+    )
     seqs, over = _encode(sources, tokenizer, max_tokens, cut=True)
     if over.any():
         log.warning(

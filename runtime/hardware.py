@@ -10,13 +10,10 @@ there, so a run resumed on another machine computes as it started.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import jax
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 # CPU flags (as /proc/cpuinfo spells them) with native bf16 matmul instructions.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
